@@ -1,0 +1,15 @@
+//! spo-runtime: SDXL / SD 1.5 denoising on ONNX Runtime, runtime LoRA and SPO
+//! training, usable from Rust directly and from C through `src/ffi`.
+//!
+//! Layers (see `../shared/design/architecture.md`): `runtime` loads ONNX Runtime
+//! and builds sessions; `model`, `text`, `scheduler`, `pipeline`, `lora` and
+//! `train` build on it; `ffi` only converts arguments for the C ABI.
+
+pub mod error;
+pub mod ffi;
+pub mod options;
+pub mod runtime;
+
+pub use error::{Error, ErrorCode, Result};
+pub use options::Options;
+pub use runtime::Runtime;
