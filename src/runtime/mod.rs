@@ -1,2 +1,133 @@
-//! placeholder
-pub struct Runtime;
+//! The runtime: one loaded ONNX Runtime, the execution providers that really
+//! work here, and a log sink. Cheap to clone and safe to share between threads.
+
+pub mod ep;
+pub mod library;
+pub mod log;
+
+use std::sync::Arc;
+
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+
+pub use self::ep::{Ep, EpSet};
+pub use self::library::LoadedLibrary;
+pub use self::log::{LogFn, LogLevel, LogSink, Logger};
+use crate::error::{Error, ErrorCode, Result};
+use crate::options::Options;
+
+/// The C ABI version this build implements. Bumped on incompatible changes only;
+/// additions within a major version keep it.
+pub const ABI_VERSION: u32 = 1;
+
+#[derive(Clone, Debug)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    library: LoadedLibrary,
+    eps: EpSet,
+    intra_threads: Option<usize>,
+    logger: Logger,
+}
+
+impl Runtime {
+    /// Loads ONNX Runtime and resolves execution providers from `options`
+    /// (keys: `ep`, `ep.strict`, `ort.library_path`, `log.level`,
+    /// `threads.intra`, `cuda.*`). `logger` receives the fallback warnings.
+    pub fn new(options: &Options, logger: Logger) -> Result<Runtime> {
+        options.check_consumer("runtime", "spo_runtime_create")?;
+        let intra_threads = options.u64("threads.intra")?.map(|n| n as usize);
+        // "log.level" overrides the threshold of the sink the logger came with.
+        if let Some(level) = options.parse(
+            "log.level",
+            "one of error, warn, info, debug",
+            LogLevel::parse,
+        )? {
+            logger.set_level(level);
+        }
+        let library = library::load(options.get("ort.library_path"))?;
+        logger.info(&format!(
+            "ONNX Runtime {} loaded from {}",
+            library.version,
+            library.path.display()
+        ));
+        let eps = EpSet::resolve(options, &library.env, &logger)?;
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                library,
+                eps,
+                intra_threads,
+                logger,
+            }),
+        })
+    }
+
+    /// Checks a caller's ABI version against this build.
+    pub fn check_abi(caller: u32) -> Result<()> {
+        if caller == ABI_VERSION {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorCode::AbiMismatch,
+                format!(
+                    "caller was built for spo-runtime ABI version {caller}, this library ({}) implements ABI version {ABI_VERSION}; rebuild against the matching spo_runtime.h",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            ))
+        }
+    }
+
+    pub fn logger(&self) -> &Logger {
+        &self.inner.logger
+    }
+
+    pub fn eps(&self) -> &EpSet {
+        &self.inner.eps
+    }
+
+    /// A session builder with the active providers and thread settings applied.
+    pub fn session_builder(&self) -> Result<SessionBuilder> {
+        let mut b = SessionBuilder::new(&self.inner.library.env)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(ort::Error::from)?;
+        if let Some(n) = self.inner.intra_threads {
+            b = b.with_intra_threads(n).map_err(ort::Error::from)?;
+        }
+        self.inner.eps.register(&mut b)?;
+        Ok(b)
+    }
+
+    /// Answers `spo_runtime_info` keys; `None` for an unknown key.
+    pub fn info(&self, key: &str) -> Option<String> {
+        Some(match key {
+            "version" => env!("CARGO_PKG_VERSION").to_owned(),
+            "abi_version" => ABI_VERSION.to_string(),
+            "ort.version" => self.inner.library.version.clone(),
+            "ort.library_path" => self.inner.library.path.display().to_string(),
+            "ep.available" => EpSet::available_names(),
+            "ep.requested" => self
+                .inner
+                .eps
+                .requested
+                .iter()
+                .map(|e| e.name())
+                .collect::<Vec<_>>()
+                .join(","),
+            "ep.active" => self.inner.eps.active_names(),
+            _ => return None,
+        })
+    }
+
+    /// The keys `info` answers, for error messages.
+    pub const INFO_KEYS: &'static [&'static str] = &[
+        "version",
+        "abi_version",
+        "ort.version",
+        "ort.library_path",
+        "ep.available",
+        "ep.requested",
+        "ep.active",
+    ];
+}

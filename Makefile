@@ -1,0 +1,80 @@
+# spo-runtime: the two commands are `make demo` and `make test`. Each target sets
+# up what it needs (apt packages, ONNX Runtime from PyPI, the Python venv),
+# idempotently.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PROFILE := release
+LIBDIR := $(CURDIR)/target/$(PROFILE)
+ORT_DIR := $(CURDIR)/third_party/onnxruntime/cpu
+export SPO_ORT_LIBRARY ?= $(ORT_DIR)/libonnxruntime.so
+CFLAGS := -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror -g -I$(CURDIR)/include
+CLIBS := -L$(LIBDIR) -lspo_runtime -Wl,-rpath,$(LIBDIR) -lpthread -lm
+VALGRIND := valgrind --quiet --error-exitcode=1 --leak-check=full \
+	--errors-for-leak-kinds=definite,indirect --suppressions=$(CURDIR)/tests/c/valgrind.supp
+C_TESTS := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/*.c))
+
+.PHONY: all demo test setup apt ort build lint rust-test c-test py-test symbols header clean
+
+all: build
+
+## Set-up ---------------------------------------------------------------------
+setup: apt ort
+
+apt:
+	@missing=""; for t in valgrind:valgrind gcc:gcc nm:binutils; do \
+	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; apt-get update -qq && apt-get install -y -qq $$missing; fi
+
+ort:
+	@bash scripts/fetch-onnxruntime.sh >/dev/null
+
+build: ort
+	$(CARGO) build --$(PROFILE) --locked
+
+## The main job ----------------------------------------------------------------
+demo: setup build tests/c/build/hello
+	./tests/c/build/hello
+
+tests/c/build/hello: examples/c/hello.c include/spo_runtime.h build
+	@mkdir -p tests/c/build
+	$(CC) $(CFLAGS) $< -o $@ $(CLIBS)
+
+## Tests -------------------------------------------------------------------------
+test: setup lint rust-test symbols c-test py-test
+	@echo "make test: all checks passed"
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+rust-test: ort
+	$(CARGO) test --$(PROFILE) --locked
+
+# The cdylib must export the C API and nothing else.
+symbols: build
+	@extra=$$(nm -D --defined-only $(LIBDIR)/libspo_runtime.so | awk '{print $$3}' | grep -v '^spo_' || true); \
+	if [ -n "$$extra" ]; then echo "non-spo_ exported symbols:"; echo "$$extra"; exit 1; fi; \
+	echo "symbols: only spo_* exported ($$(nm -D --defined-only $(LIBDIR)/libspo_runtime.so | grep -c ' spo_'))"
+
+tests/c/build/%: tests/c/%.c tests/c/check.h include/spo_runtime.h build
+	@mkdir -p tests/c/build
+	$(CC) $(CFLAGS) $< -o $@ $(CLIBS)
+
+c-test: $(C_TESTS)
+	@for t in $(C_TESTS); do echo "== valgrind $$t"; $(VALGRIND) $$t || exit 1; done
+
+py-test:
+	@if ls tests/python/test_*.py >/dev/null 2>&1; then \
+	  venv=$$(bash scripts/python-env.sh) && cd $(CURDIR) && PYTHONPATH=onnx $$venv/bin/python -m pytest -q tests/python; \
+	else echo "py-test: no Python tests"; fi
+
+## Maintenance --------------------------------------------------------------------
+# Regenerates include/spo_runtime.h from src/ffi (commit the result).
+header:
+	SPO_UPDATE_HEADER=1 $(CARGO) test --$(PROFILE) --test header
+
+clean:
+	$(CARGO) clean
+	rm -rf tests/c/build
