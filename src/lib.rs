@@ -9,6 +9,8 @@ pub mod error;
 pub mod ffi;
 pub mod options;
 pub mod runtime;
+pub mod scheduler;
+pub mod text;
 
 pub use error::{Error, ErrorCode, Result};
 pub use options::Options;
