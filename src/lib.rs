@@ -15,3 +15,5 @@ pub mod text;
 pub use error::{Error, ErrorCode, Result};
 pub use options::Options;
 pub use runtime::Runtime;
+pub mod model;
+pub mod pipeline;

@@ -4,6 +4,7 @@
 pub mod ep;
 pub mod library;
 pub mod log;
+pub mod session;
 
 use std::sync::Arc;
 

@@ -1,0 +1,5 @@
+//! Model folders and ONNX graphs on disk.
+
+pub mod folder;
+
+pub use folder::{ModelFolder, ModelKind};

@@ -1,0 +1,183 @@
+//! The per-step model math: one UNet evaluation with classifier-free guidance
+//! (as one batch-2B call, or row by row when the graph fixes batch 1), the
+//! optional guidance rescale, and the VAE calls.
+
+use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
+use ort::session::RunOptions;
+
+use crate::error::{Error, Result};
+use crate::runtime::session::{DType, Graph, Input};
+
+/// Everything the UNet takes besides the latents and the timestep, already
+/// batched as the UNet sees it: rows `[uncond x B, cond x B]` with CFG, else
+/// `[cond x B]`.
+pub struct Conditioning {
+    pub encoder_hidden_states: ArrayD<f32>,
+    /// SDXL `text_embeds` and `time_ids`.
+    pub text_embeds: Option<ArrayD<f32>>,
+    pub time_ids: Option<ArrayD<f32>>,
+    pub cfg: bool,
+}
+
+/// Repeats `x` (shape [1, ...]) `n` times along the batch axis.
+pub fn repeat_batch(x: &ArrayD<f32>, n: usize) -> ArrayD<f32> {
+    let views: Vec<_> = (0..n).map(|_| x.view()).collect();
+    concatenate(Axis(0), &views).expect("same shapes")
+}
+
+/// Stacks along the batch axis.
+pub fn cat_batch(parts: &[&ArrayD<f32>]) -> Result<ArrayD<f32>> {
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    concatenate(Axis(0), &views).map_err(|e| Error::invalid_model(format!("cannot batch tensors: {e}")))
+}
+
+fn timestep_input(unet: &Graph, t: f64, batch: usize) -> Result<Input> {
+    let spec = unet.require_input("timestep")?;
+    let shape: Vec<usize> = match spec.shape.len() {
+        0 => vec![],
+        _ => vec![spec.fixed_dim(0).unwrap_or(batch)],
+    };
+    let n: usize = shape.iter().product();
+    Ok(match spec.dtype {
+        // Integer-timestep graphs get the value diffusers' int64 schedules hold.
+        DType::I64 | DType::I32 => Input::I64(ArrayD::from_shape_vec(IxDyn(&shape), vec![t.round() as i64; n]).expect("sizes")),
+        _ => Input::F32(ArrayD::from_shape_vec(IxDyn(&shape), vec![t as f32; n]).expect("sizes")),
+    })
+}
+
+/// One UNet evaluation for the batch `latents` [B, C, h, w] (already scaled by
+/// the scheduler), returning the guided noise prediction [B, C, h, w].
+pub fn predict_noise(
+    unet: &mut Graph,
+    latents: &ArrayD<f32>,
+    t: f64,
+    cond: &Conditioning,
+    guidance: f64,
+    guidance_rescale: f64,
+    run_options: &RunOptions,
+) -> Result<ArrayD<f32>> {
+    let b = latents.shape()[0];
+    let sample = if cond.cfg { cat_batch(&[latents, latents])? } else { latents.clone() };
+    let rows = sample.shape()[0];
+    let fixed_batch = unet.require_input("sample")?.fixed_dim(0);
+    let out = match fixed_batch {
+        Some(fb) if fb != rows => {
+            if rows % fb != 0 {
+                return Err(Error::invalid_model(format!("unet fixes batch {fb}, which does not divide {rows} rows")));
+            }
+            let mut parts = Vec::new();
+            for start in (0..rows).step_by(fb) {
+                let r = start..start + fb;
+                let sl = |a: &ArrayD<f32>| a.slice_axis(Axis(0), r.clone().into()).to_owned();
+                parts.push(unet_call(
+                    unet,
+                    sl(&sample),
+                    t,
+                    sl(&cond.encoder_hidden_states),
+                    cond.text_embeds.as_ref().map(sl),
+                    cond.time_ids.as_ref().map(sl),
+                    run_options,
+                )?);
+            }
+            cat_batch(&parts.iter().collect::<Vec<_>>())?
+        }
+        _ => unet_call(
+            unet,
+            sample,
+            t,
+            cond.encoder_hidden_states.clone(),
+            cond.text_embeds.clone(),
+            cond.time_ids.clone(),
+            run_options,
+        )?,
+    };
+    if !cond.cfg {
+        return Ok(out);
+    }
+    let uncond = out.slice_axis(Axis(0), (0..b).into());
+    let text = out.slice_axis(Axis(0), (b..2 * b).into());
+    let g = guidance as f32;
+    let mut guided = &uncond + &((&text - &uncond) * g);
+    if guidance_rescale > 0.0 {
+        rescale(&mut guided, &text.to_owned(), guidance_rescale);
+    }
+    Ok(guided)
+}
+
+fn unet_call(
+    unet: &mut Graph,
+    sample: ArrayD<f32>,
+    t: f64,
+    ehs: ArrayD<f32>,
+    text_embeds: Option<ArrayD<f32>>,
+    time_ids: Option<ArrayD<f32>>,
+    run_options: &RunOptions,
+) -> Result<ArrayD<f32>> {
+    let batch = sample.shape()[0];
+    let mut inputs = vec![
+        ("sample", Input::F32(sample)),
+        ("timestep", timestep_input(unet, t, batch)?),
+        ("encoder_hidden_states", Input::F32(ehs)),
+    ];
+    if let Some(te) = text_embeds {
+        inputs.push(("text_embeds", Input::F32(te)));
+    }
+    if let Some(ti) = time_ids {
+        inputs.push(("time_ids", Input::F32(ti)));
+    }
+    Ok(unet.run(inputs, &["out_sample"], Some(run_options))?.remove(0))
+}
+
+/// diffusers' `rescale_noise_cfg`: per image, scale the guided prediction to
+/// the standard deviation of the text prediction, then blend by `phi`.
+fn rescale(guided: &mut ArrayD<f32>, text: &ArrayD<f32>, phi: f64) {
+    let std = |a: ndarray::ArrayViewD<f32>| {
+        let n = a.len() as f64;
+        let mean = a.iter().map(|v| *v as f64).sum::<f64>() / n;
+        (a.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    };
+    for i in 0..guided.shape()[0] {
+        let st = std(text.slice(s![i, .., .., ..]).into_dyn());
+        let sg = std(guided.slice(s![i, .., .., ..]).into_dyn());
+        let factor = st / sg;
+        guided
+            .slice_mut(s![i, .., .., ..])
+            .mapv_inplace(|v| (phi * (v as f64 * factor) + (1.0 - phi) * v as f64) as f32);
+    }
+}
+
+/// Decodes latents (already divided by the scaling factor) to [B, 3, H, W].
+pub fn vae_decode(vae: &mut Graph, latents: ArrayD<f32>, run_options: &RunOptions) -> Result<ArrayD<f32>> {
+    let out = vae.require_output(&["sample"])?.name.clone();
+    let fixed = vae.require_input("latent_sample")?.fixed_dim(0);
+    let b = latents.shape()[0];
+    if fixed.is_some_and(|f| f != b) {
+        // Decode image by image for a batch-1 graph.
+        let mut parts = Vec::new();
+        for i in 0..b {
+            let row = latents.slice_axis(Axis(0), (i..i + 1).into()).to_owned();
+            parts.push(vae.run(vec![("latent_sample", Input::F32(row))], &[&out], Some(run_options))?.remove(0));
+        }
+        return cat_batch(&parts.iter().collect::<Vec<_>>());
+    }
+    Ok(vae.run(vec![("latent_sample", Input::F32(latents))], &[&out], Some(run_options))?.remove(0))
+}
+
+/// Encodes an image [1, 3, H, W] to the latent distribution's mean [1, C, h, w]
+/// (unscaled). Accepts optimum's `latent_parameters` (mean and log-variance)
+/// or a plain `latent_sample` output.
+pub fn vae_encode_mean(vae: &mut Graph, image: ArrayD<f32>, channels: usize, run_options: &RunOptions) -> Result<ArrayD<f32>> {
+    let out = vae.require_output(&["latent_parameters", "latent_sample"])?.name.clone();
+    let r = vae.run(vec![("sample", Input::F32(image))], &[&out], Some(run_options))?.remove(0);
+    let c = r.shape().get(1).copied().unwrap_or(0);
+    if c == 2 * channels {
+        Ok(r.slice_axis(Axis(1), (0..channels).into()).to_owned())
+    } else if c == channels {
+        Ok(r)
+    } else {
+        Err(Error::invalid_model(format!(
+            "vae_encoder output '{out}' has {c} channels; expected {channels} or {}",
+            2 * channels
+        )))
+    }
+}

@@ -1,0 +1,94 @@
+//! RGB8 images: conversion from and to the VAE's [-1, 1] NCHW tensors, and PNG
+//! files. Conversions follow diffusers (`(x / 2 + 0.5).clamp(0, 1)`, then
+//! `round(x * 255)`).
+
+use std::path::Path;
+
+use ndarray::{ArrayD, IxDyn};
+
+use crate::error::{Error, Result};
+
+/// A tightly packed RGB8 image (stride = 3 * width).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+}
+
+impl Image {
+    pub fn stride(&self) -> usize {
+        self.width * 3
+    }
+
+    /// Images from a decoded batch [B, 3, H, W] in [-1, 1].
+    pub fn from_decoded(x: &ArrayD<f32>) -> Result<Vec<Image>> {
+        let s = x.shape();
+        if s.len() != 4 || s[1] != 3 {
+            return Err(Error::invalid_model(format!("vae_decoder output has shape {s:?}, expected [B,3,H,W]")));
+        }
+        let (b, h, w) = (s[0], s[2], s[3]);
+        let x = x.as_standard_layout();
+        let data = x.as_slice().expect("standard layout");
+        Ok((0..b)
+            .map(|n| {
+                let mut rgb = vec![0u8; h * w * 3];
+                for c in 0..3 {
+                    let plane = &data[(n * 3 + c) * h * w..(n * 3 + c + 1) * h * w];
+                    for (i, v) in plane.iter().enumerate() {
+                        let unit = (v / 2.0 + 0.5).clamp(0.0, 1.0);
+                        rgb[i * 3 + c] = (unit * 255.0).round() as u8;
+                    }
+                }
+                Image { width: w, height: h, rgb }
+            })
+            .collect())
+    }
+
+    /// The VAE encoder input [1, 3, H, W] in [-1, 1] (diffusers' preprocessing:
+    /// `x / 255 * 2 - 1`).
+    pub fn to_tensor(&self) -> ArrayD<f32> {
+        let (h, w) = (self.height, self.width);
+        let mut out = vec![0f32; 3 * h * w];
+        for i in 0..h * w {
+            for c in 0..3 {
+                out[c * h * w + i] = self.rgb[i * 3 + c] as f32 / 255.0 * 2.0 - 1.0;
+            }
+        }
+        ArrayD::from_shape_vec(IxDyn(&[1, 3, h, w]), out).expect("sizes match")
+    }
+
+    /// Reads an 8-bit PNG (RGB, RGBA, gray or gray+alpha; alpha is dropped).
+    pub fn read_png(path: &Path) -> Result<Image> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let bad = |e: &dyn std::fmt::Display| Error::invalid_file(format!("{}: not a readable PNG: {e}", path.display()));
+        let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+        decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+        let mut reader = decoder.read_info().map_err(|e| bad(&e))?;
+        let mut buf = vec![0; reader.output_buffer_size().ok_or_else(|| bad(&"image too large"))?];
+        let info = reader.next_frame(&mut buf).map_err(|e| bad(&e))?;
+        let (w, h) = (info.width as usize, info.height as usize);
+        let px = &buf[..info.buffer_size()];
+        let channels = info.color_type.samples();
+        let mut rgb = Vec::with_capacity(w * h * 3);
+        for p in px.chunks_exact(channels) {
+            match channels {
+                1 | 2 => rgb.extend_from_slice(&[p[0], p[0], p[0]]),
+                _ => rgb.extend_from_slice(&p[..3]),
+            }
+        }
+        Ok(Image { width: w, height: h, rgb })
+    }
+
+    /// Writes the image as an RGB8 PNG.
+    pub fn write_png(&self, path: &Path) -> Result<()> {
+        let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), self.width as u32, self.height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let err = |e: png::EncodingError| Error::io(path, std::io::Error::other(e));
+        let mut w = enc.write_header().map_err(err)?;
+        w.write_image_data(&self.rgb).map_err(err)?;
+        w.finish().map_err(err)
+    }
+}

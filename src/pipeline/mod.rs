@@ -1,0 +1,212 @@
+//! The denoising pipeline: a loaded model folder (text encoders, UNet, VAE and
+//! scheduler config) that runs one [`Job`] at a time.
+
+pub mod denoise;
+pub mod image;
+pub mod job;
+pub mod rng;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+pub use self::image::Image;
+pub use self::job::{Job, JobSpec, Status};
+use crate::error::{Error, ErrorCode, Result};
+use crate::model::{ModelFolder, ModelKind};
+use crate::options::Options;
+use crate::runtime::session::Graph;
+use crate::runtime::Runtime;
+use crate::scheduler::SchedulerConfig;
+use crate::text::{ClipTokenizer, TextEncoder, TextEncoders};
+
+/// The graphs of a pipeline; locked by the job that runs.
+pub(crate) struct Models {
+    pub text: TextEncoders,
+    pub unet: Graph,
+    pub vae_decoder: Graph,
+    pub vae_encoder: Option<Graph>,
+}
+
+/// A loaded pipeline. Cheap to clone; clones share the sessions and the
+/// one-job-at-a-time rule.
+#[derive(Clone)]
+pub struct Pipeline {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub runtime: Runtime,
+    pub folder: ModelFolder,
+    pub scheduler_config: SchedulerConfig,
+    pub models: Mutex<Models>,
+    busy: AtomicBool,
+    /// Latent channels, VAE downscale factor and default image size.
+    pub latent_channels: usize,
+    pub vae_factor: usize,
+    pub default_size: (usize, usize),
+    info: BTreeMap<String, String>,
+}
+
+fn read_config(path: &std::path::Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn tokenizer(folder: &ModelFolder, name: &str) -> Result<ClipTokenizer> {
+    let dir = folder.dir.join(name);
+    if !dir.is_dir() {
+        return Err(Error::invalid_model(format!("{}: missing tokenizer folder", dir.display())));
+    }
+    ClipTokenizer::from_dir(&dir).map_err(|e| e.context(format!("{name}")))
+}
+
+impl Pipeline {
+    /// Loads the model folder `dir`. Options: `vae.upcast` (reserved).
+    pub fn load(runtime: &Runtime, dir: &std::path::Path, options: &Options) -> Result<Pipeline> {
+        options.check_consumer("pipeline", "spo_pipeline_load")?;
+        let folder = ModelFolder::open(dir)?;
+        let log = runtime.logger();
+        let load = |c: &str| Graph::load(runtime, c, &folder.graph(c));
+        let te1 = TextEncoder::new(tokenizer(&folder, "tokenizer")?, load("text_encoder")?)?;
+        let te2 = match folder.kind {
+            ModelKind::Sdxl => Some(TextEncoder::new(tokenizer(&folder, "tokenizer_2")?, load("text_encoder_2")?)?),
+            ModelKind::Sd15 => None,
+        };
+        let unet = load("unet")?;
+        for name in ["sample", "timestep", "encoder_hidden_states"] {
+            unet.require_input(name)?;
+        }
+        if folder.kind == ModelKind::Sdxl {
+            unet.require_input("text_embeds")?;
+            unet.require_input("time_ids")?;
+        }
+        unet.require_output(&["out_sample"])?;
+        let vae_decoder = load("vae_decoder")?;
+        vae_decoder.require_input("latent_sample")?;
+        let vae_encoder = if folder.has("vae_encoder") { Some(load("vae_encoder")?) } else { None };
+        let sched_path = folder.scheduler_config();
+        let scheduler_config = SchedulerConfig::from_file(&sched_path).map_err(|e| e.context(sched_path.display()))?;
+
+        let vae_cfg = read_config(&folder.dir.join("vae_decoder/config.json"));
+        let vae_factor = vae_cfg
+            .as_ref()
+            .and_then(|c| c.get("block_out_channels")?.as_array().map(|a| 1usize << a.len().saturating_sub(1)))
+            .unwrap_or(8);
+        let sample = unet.require_input("sample")?.clone();
+        let latent_channels = sample.fixed_dim(1).unwrap_or(4);
+        let unet_cfg = read_config(&folder.dir.join("unet/config.json"));
+        let default_size = match (sample.fixed_dim(2), sample.fixed_dim(3)) {
+            (Some(h), Some(w)) => (h * vae_factor, w * vae_factor),
+            _ => {
+                let s = unet_cfg
+                    .as_ref()
+                    .and_then(|c| c.get("sample_size")?.as_u64())
+                    .map(|s| s as usize * vae_factor)
+                    .unwrap_or(match folder.kind {
+                        ModelKind::Sdxl => 1024,
+                        ModelKind::Sd15 => 512,
+                    });
+                (s, s)
+            }
+        };
+
+        let ep = runtime.eps().active.first().map(|e| e.name()).unwrap_or("cpu");
+        let mut info = BTreeMap::new();
+        info.insert("kind".into(), folder.kind.name().into());
+        info.insert("dir".into(), folder.dir.display().to_string());
+        let mut describe = |g: &Graph| {
+            info.insert(format!("ep.{}", g.component), ep.to_owned());
+            let io: Vec<String> = g.inputs.iter().chain(&g.outputs).map(|s| s.describe()).collect();
+            info.insert(format!("io.{}", g.component), io.join("; "));
+        };
+        describe(&te1.graph);
+        if let Some(t) = &te2 {
+            describe(&t.graph);
+        }
+        describe(&unet);
+        describe(&vae_decoder);
+        if let Some(v) = &vae_encoder {
+            describe(v);
+        }
+        info.insert("lora.mode".into(), "none".into());
+        info.insert("default_size".into(), format!("{}x{}", default_size.1, default_size.0));
+        log.info(&format!("loaded {} pipeline from {}", folder.kind.name(), folder.dir.display()));
+
+        Ok(Pipeline {
+            inner: Arc::new(Inner {
+                runtime: runtime.clone(),
+                scheduler_config,
+                models: Mutex::new(Models {
+                    text: TextEncoders {
+                        kind: folder.kind,
+                        te1,
+                        te2,
+                    },
+                    unet,
+                    vae_decoder,
+                    vae_encoder,
+                }),
+                folder,
+                busy: AtomicBool::new(false),
+                latent_channels,
+                vae_factor,
+                default_size,
+                info,
+            }),
+        })
+    }
+
+    pub fn kind(&self) -> ModelKind {
+        self.inner.folder.kind
+    }
+
+    /// Answers `spo_pipeline_info` keys: `kind`, `dir`, `default_size`,
+    /// `ep.<component>`, `io.<component>`, `lora.mode`.
+    pub fn info(&self, key: &str) -> Option<String> {
+        self.inner.info.get(key).cloned()
+    }
+
+    pub fn info_keys(&self) -> Vec<String> {
+        self.inner.info.keys().cloned().collect()
+    }
+
+    /// Starts a job. Fails with `Busy` while another job of this pipeline is active.
+    pub fn job(&self, spec: JobSpec) -> Result<Job> {
+        let guard = BusyGuard::acquire(self)?;
+        Job::new(self.clone(), spec, guard)
+    }
+}
+
+/// Holds the pipeline's one active-job slot until dropped or released.
+pub(crate) struct BusyGuard {
+    pipeline: Option<Pipeline>,
+}
+
+impl BusyGuard {
+    fn acquire(p: &Pipeline) -> Result<BusyGuard> {
+        if p.inner.busy.swap(true, Ordering::AcqRel) {
+            return Err(Error::new(
+                ErrorCode::Busy,
+                "the pipeline is running another job; a pipeline runs one job at a time",
+            ));
+        }
+        Ok(BusyGuard {
+            pipeline: Some(p.clone()),
+        })
+    }
+
+    pub fn release(&mut self) {
+        if let Some(p) = self.pipeline.take() {
+            p.inner.busy.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.release();
+    }
+}

@@ -1,0 +1,247 @@
+//! One ONNX graph as a session whose inputs and outputs are described from the
+//! session itself (names, dtypes, shapes), never assumed. Callers pass f32 / i64
+//! host arrays; this layer converts to and from the graph's dtypes (fp16 I/O,
+//! int32 ids) so the pipeline is written once for every export flavour.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use half::f16;
+use ndarray::{ArrayD, IxDyn};
+use ort::session::{RunOptions, Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+
+use super::Runtime;
+use crate::error::{Error, ErrorCode, Result};
+
+/// Element types the pipeline exchanges with graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    I64,
+    I32,
+}
+
+impl DType {
+    fn from_ort(t: TensorElementType) -> Option<DType> {
+        Some(match t {
+            TensorElementType::Float32 => DType::F32,
+            TensorElementType::Float16 => DType::F16,
+            TensorElementType::Int64 => DType::I64,
+            TensorElementType::Int32 => DType::I32,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::I64 => "int64",
+            DType::I32 => "int32",
+        }
+    }
+}
+
+/// A graph input or output: name, element type and shape (-1 = dynamic).
+#[derive(Debug, Clone)]
+pub struct IoSpec {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<i64>,
+}
+
+impl IoSpec {
+    /// The fixed size of dimension `i`, if the graph fixes it.
+    pub fn fixed_dim(&self, i: usize) -> Option<usize> {
+        self.shape.get(i).copied().filter(|d| *d > 0).map(|d| d as usize)
+    }
+    pub fn describe(&self) -> String {
+        let dims: Vec<String> = self
+            .shape
+            .iter()
+            .map(|d| if *d < 0 { "?".into() } else { d.to_string() })
+            .collect();
+        format!("{} {}[{}]", self.name, self.dtype.name(), dims.join(","))
+    }
+}
+
+/// A host-side input value.
+pub enum Input {
+    F32(ArrayD<f32>),
+    I64(ArrayD<i64>),
+}
+
+impl Input {
+    fn shape(&self) -> &[usize] {
+        match self {
+            Input::F32(a) => a.shape(),
+            Input::I64(a) => a.shape(),
+        }
+    }
+}
+
+/// A loaded graph with its I/O description.
+pub struct Graph {
+    pub component: String,
+    pub path: PathBuf,
+    pub inputs: Vec<IoSpec>,
+    pub outputs: Vec<IoSpec>,
+    session: Session,
+}
+
+fn io_spec(name: &str, ty: &ValueType, path: &Path) -> Result<IoSpec> {
+    let (t, shape) = match ty {
+        ValueType::Tensor { ty, shape, .. } => (*ty, shape.iter().copied().collect::<Vec<i64>>()),
+        other => {
+            return Err(Error::invalid_model(format!(
+                "{}: '{name}' is {other:?}, expected a tensor",
+                path.display()
+            )))
+        }
+    };
+    let dtype = DType::from_ort(t).ok_or_else(|| {
+        Error::invalid_model(format!("{}: '{name}' has unsupported element type {t:?}", path.display()))
+    })?;
+    Ok(IoSpec {
+        name: name.to_owned(),
+        dtype,
+        shape,
+    })
+}
+
+impl Graph {
+    /// Opens `path` as a session on the runtime's execution providers. The
+    /// error names the component and the file.
+    pub fn load(rt: &Runtime, component: &str, path: &Path) -> Result<Graph> {
+        if !path.is_file() {
+            return Err(Error::invalid_model(format!(
+                "{component}: missing graph file {}",
+                path.display()
+            )));
+        }
+        let session = rt
+            .session_builder()?
+            .commit_from_file(path)
+            .map_err(|e| Error::new(ErrorCode::InvalidModel, format!("{component}: cannot load {}: {e}", path.display())))?;
+        let inputs = session
+            .inputs()
+            .iter()
+            .map(|o| io_spec(o.name(), o.dtype(), path))
+            .collect::<Result<_>>()?;
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|o| io_spec(o.name(), o.dtype(), path))
+            .collect::<Result<_>>()?;
+        Ok(Graph {
+            component: component.to_owned(),
+            path: path.to_owned(),
+            inputs,
+            outputs,
+            session,
+        })
+    }
+
+    pub fn input(&self, name: &str) -> Option<&IoSpec> {
+        self.inputs.iter().find(|i| i.name == name)
+    }
+
+    pub fn output(&self, name: &str) -> Option<&IoSpec> {
+        self.outputs.iter().find(|i| i.name == name)
+    }
+
+    /// The input called `name`, or an error naming the graph and what it has.
+    pub fn require_input(&self, name: &str) -> Result<&IoSpec> {
+        self.input(name).ok_or_else(|| self.missing("input", name, &self.inputs))
+    }
+
+    /// The first output among `names` that the graph has.
+    pub fn require_output(&self, names: &[&str]) -> Result<&IoSpec> {
+        names
+            .iter()
+            .find_map(|n| self.output(n))
+            .ok_or_else(|| self.missing("output", &names.join("' or '"), &self.outputs))
+    }
+
+    fn missing(&self, what: &str, name: &str, have: &[IoSpec]) -> Error {
+        let have: Vec<String> = have.iter().map(IoSpec::describe).collect();
+        Error::invalid_model(format!(
+            "{} ({}): no {what} '{name}'; it has {}",
+            self.component,
+            self.path.display(),
+            have.join(", ")
+        ))
+    }
+
+    /// Runs the graph. Inputs are converted to the graph's dtypes and checked
+    /// against its fixed dimensions; the named outputs come back as f32.
+    pub fn run(&mut self, inputs: Vec<(&str, Input)>, outputs: &[&str], options: Option<&RunOptions>) -> Result<Vec<ArrayD<f32>>> {
+        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
+        for (name, input) in inputs {
+            let spec = self.require_input(name)?.clone();
+            self.check_shape(&spec, input.shape())?;
+            let value: DynValue = match (input, spec.dtype) {
+                (Input::F32(a), DType::F32) => Tensor::from_array(a)?.into_dyn(),
+                (Input::F32(a), DType::F16) => Tensor::from_array(a.mapv(f16::from_f32))?.into_dyn(),
+                (Input::F32(a), DType::I64) => Tensor::from_array(a.mapv(|v| v as i64))?.into_dyn(),
+                (Input::F32(a), DType::I32) => Tensor::from_array(a.mapv(|v| v as i32))?.into_dyn(),
+                (Input::I64(a), DType::I64) => Tensor::from_array(a)?.into_dyn(),
+                (Input::I64(a), DType::I32) => Tensor::from_array(a.mapv(|v| v as i32))?.into_dyn(),
+                (Input::I64(a), DType::F32) => Tensor::from_array(a.mapv(|v| v as f32))?.into_dyn(),
+                (Input::I64(a), DType::F16) => Tensor::from_array(a.mapv(|v| f16::from_f32(v as f32)))?.into_dyn(),
+            };
+            values.push((Cow::Owned(spec.name.clone()), SessionInputValue::from(value)));
+        }
+        let component = self.component.clone();
+        let result = match options {
+            Some(o) => self.session.run_with_options(values, o),
+            None => self.session.run(values),
+        };
+        let out = result.map_err(|e| {
+            let msg = e.to_string();
+            if msg.to_ascii_lowercase().contains("terminate") {
+                Error::new(ErrorCode::Cancelled, format!("{component}: run cancelled"))
+            } else {
+                Error::new(ErrorCode::Ort, format!("{component}: {msg}"))
+            }
+        })?;
+        outputs
+            .iter()
+            .map(|name| {
+                let v = out.get(*name).ok_or_else(|| Error::invalid_model(format!("{component}: no output '{name}'")))?;
+                to_f32(v).map_err(|e| e.context(format!("{component} output '{name}'")))
+            })
+            .collect()
+    }
+
+    fn check_shape(&self, spec: &IoSpec, shape: &[usize]) -> Result<()> {
+        let ok = spec.shape.len() == shape.len()
+            && spec.shape.iter().zip(shape).all(|(d, s)| *d < 0 || *d as usize == *s);
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::invalid_model(format!(
+                "{} ({}): input {} cannot take shape {shape:?}",
+                self.component,
+                self.path.display(),
+                spec.describe()
+            )))
+        }
+    }
+}
+
+fn to_f32(v: &DynValue) -> Result<ArrayD<f32>> {
+    if let Ok(a) = v.try_extract_array::<f32>() {
+        return Ok(a.to_owned());
+    }
+    if let Ok(a) = v.try_extract_array::<f16>() {
+        return Ok(a.mapv(f16::to_f32));
+    }
+    Err(Error::invalid_model("output is neither float32 nor float16"))
+}
+
+/// Shorthand for building inputs.
+pub fn f32_input(shape: &[usize], data: Vec<f32>) -> Input {
+    Input::F32(ArrayD::from_shape_vec(IxDyn(shape), data).expect("shape matches data length"))
+}

@@ -1,0 +1,127 @@
+//! Prompt encoding: tokenizers plus text-encoder graphs to the embeddings the
+//! UNet takes, following the diffusers pipelines:
+//! - SDXL: the penultimate hidden state (`hidden_states[-2]`, or
+//!   `hidden_states[-(clip_skip + 2)]`) of both encoders, concatenated on the
+//!   feature axis, and `text_embeds` (the projected pooled output) of encoder 2;
+//! - SD 1.5: `last_hidden_state` of the one encoder.
+
+use ndarray::{concatenate, ArrayD, Axis, IxDyn};
+
+use super::tokenizer::{ClipTokenizer, MAX_LEN};
+use crate::error::{Error, Result};
+use crate::model::ModelKind;
+use crate::runtime::session::{Graph, Input};
+
+/// Embeddings for one prompt: `embeds` [1, 77, D]; `pooled` [1, P] for SDXL.
+#[derive(Debug, Clone)]
+pub struct PromptEmbeds {
+    pub embeds: ArrayD<f32>,
+    pub pooled: Option<ArrayD<f32>>,
+}
+
+impl PromptEmbeds {
+    /// Zeros shaped like `self` (SDXL's `force_zeros_for_empty_prompt`).
+    pub fn zeros_like(&self) -> PromptEmbeds {
+        PromptEmbeds {
+            embeds: ArrayD::zeros(self.embeds.raw_dim()),
+            pooled: self.pooled.as_ref().map(|p| ArrayD::zeros(p.raw_dim())),
+        }
+    }
+}
+
+/// One tokenizer + encoder pair.
+pub struct TextEncoder {
+    pub tokenizer: ClipTokenizer,
+    pub graph: Graph,
+    /// Number of transformer layers, from the `hidden_states.N` outputs.
+    layers: usize,
+}
+
+impl TextEncoder {
+    pub fn new(tokenizer: ClipTokenizer, graph: Graph) -> Result<TextEncoder> {
+        graph.require_input("input_ids")?;
+        let layers = graph
+            .outputs
+            .iter()
+            .filter_map(|o| o.name.strip_prefix("hidden_states.")?.parse::<usize>().ok())
+            .max()
+            .unwrap_or(0);
+        Ok(TextEncoder {
+            tokenizer,
+            graph,
+            layers,
+        })
+    }
+
+    fn ids(&self, prompt: &str) -> Input {
+        let ids = self.tokenizer.encode_padded(prompt, MAX_LEN);
+        Input::I64(ArrayD::from_shape_vec(IxDyn(&[1, MAX_LEN]), ids).expect("77 ids"))
+    }
+
+    /// Runs the encoder and returns the requested outputs.
+    fn run(&mut self, prompt: &str, outputs: &[&str]) -> Result<Vec<ArrayD<f32>>> {
+        let ids = self.ids(prompt);
+        self.graph.run(vec![("input_ids", ids)], outputs, None)
+    }
+
+    /// `hidden_states[-(skip + 2)]`, the SDXL choice.
+    fn penultimate_name(&self, clip_skip: usize) -> Result<String> {
+        if self.layers == 0 {
+            return Err(Error::invalid_model(format!(
+                "{} ({}): no hidden_states.N outputs; export the text encoder with hidden states",
+                self.graph.component,
+                self.graph.path.display()
+            )));
+        }
+        let idx = self.layers.checked_sub(1 + clip_skip).ok_or_else(|| {
+            Error::invalid_argument(format!("clip_skip {clip_skip} exceeds the {} layers of {}", self.layers, self.graph.component))
+        })?;
+        Ok(format!("hidden_states.{idx}"))
+    }
+}
+
+/// The text side of a pipeline.
+pub struct TextEncoders {
+    pub kind: ModelKind,
+    pub te1: TextEncoder,
+    pub te2: Option<TextEncoder>,
+}
+
+impl TextEncoders {
+    pub fn encode(&mut self, prompt: &str, clip_skip: usize) -> Result<PromptEmbeds> {
+        match self.kind {
+            ModelKind::Sd15 => {
+                if clip_skip > 0 {
+                    return Err(Error::unsupported(
+                        "clip_skip on SD 1.5 needs the encoder's final layer norm, which the ONNX graph does not expose",
+                    ));
+                }
+                let out = self.te1.run(prompt, &["last_hidden_state"])?;
+                Ok(PromptEmbeds {
+                    embeds: out.into_iter().next().expect("one output"),
+                    pooled: None,
+                })
+            }
+            ModelKind::Sdxl => {
+                let te2 = self
+                    .te2
+                    .as_mut()
+                    .ok_or_else(|| Error::invalid_model("SDXL model without text_encoder_2"))?;
+                let name1 = self.te1.penultimate_name(clip_skip)?;
+                let h1 = self.te1.run(prompt, &[&name1])?.remove(0);
+                let name2 = te2.penultimate_name(clip_skip)?;
+                te2.graph.require_output(&["text_embeds"])?;
+                let mut out2 = te2.run(prompt, &[&name2, "text_embeds"])?;
+                let pooled = out2.remove(1);
+                let h2 = out2.remove(0);
+                let embeds = concatenate(Axis(2), &[h1.view(), h2.view()]).map_err(|e| {
+                    Error::invalid_model(format!("text encoder hidden states {:?} and {:?} do not concatenate: {e}", h1.shape(), h2.shape()))
+                })?;
+                Ok(PromptEmbeds {
+                    embeds,
+                    pooled: Some(pooled),
+                })
+            }
+        }
+    }
+}
