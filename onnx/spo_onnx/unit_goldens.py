@@ -194,6 +194,20 @@ def scheduler_cases():
     cases.append(("dpmpp_2m_squaredcos_5", "dpmpp_2m", dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"), 5, 0.0, None))
     cases.append(("euler_zero_snr_trailing_5", "euler", dict(sdxl, timestep_spacing="trailing", rescale_betas_zero_snr=True, prediction_type="v_prediction"), 5, 0.0, None))
     cases.append(("ddim_zero_snr_trailing_5", "ddim", dict(sdxl, timestep_spacing="trailing", rescale_betas_zero_snr=True, prediction_type="v_prediction"), 5, 0.0, None))
+    # Less common settings and awkward step counts.
+    cases.append(("euler_continuous_vpred_5", "euler", dict(sdxl, timestep_type="continuous", prediction_type="v_prediction"), 5, 0.0, None))
+    cases.append(("euler_sample_pred_4", "euler", dict(SD15, prediction_type="sample"), 4, 0.0, None))
+    cases.append(("ddim_sample_pred_5", "ddim", dict(SD15, prediction_type="sample", clip_sample=False), 5, 0.0, None))
+    cases.append(("dpmpp_2m_heun_20", "dpmpp_2m", dict(sdxl, solver_type="heun"), 20, 0.0, None))
+    cases.append(("dpmpp_2m_karras_vpred_20", "dpmpp_2m_karras", dict(sdxl, prediction_type="v_prediction"), 20, 0.0, None))
+    cases.append(("dpmpp_2m_lambda_clipped_7", "dpmpp_2m", dict(SD15, lambda_min_clipped=-5.1, timestep_spacing="linspace"), 7, 0.0, None))
+    cases.append(("dpmpp_2m_order1_5", "dpmpp_2m", dict(sdxl, solver_order=1), 5, 0.0, None))
+    cases.append(("ddpm_fixed_small_log_5", "ddpm", dict(SD15, variance_type="fixed_small_log", clip_sample=False), 5, 0.0, None))
+    for name in ["euler", "euler_a", "ddim", "dpmpp_2m", "ddpm"]:
+        cases.append((f"{name}_trailing_7", name, dict(SD15, timestep_spacing="trailing"), 7, 0.0, None))
+        cases.append((f"{name}_linspace_3", name, dict(SD15, timestep_spacing="linspace"), 3, 0.0, None))
+    cases.append(("euler_karras_linspace_7", "euler", dict(SD15, use_karras_sigmas=True), 7, 0.0, None))
+    cases.append(("euler_a_img2img_trailing_7", "euler_a", dict(SD15, timestep_spacing="trailing"), 7, 0.0, 0.6))
     return cases
 
 
