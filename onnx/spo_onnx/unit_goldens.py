@@ -200,7 +200,7 @@ def scheduler_cases():
     cases.append(("ddim_sample_pred_5", "ddim", dict(SD15, prediction_type="sample", clip_sample=False), 5, 0.0, None))
     cases.append(("dpmpp_2m_heun_20", "dpmpp_2m", dict(sdxl, solver_type="heun"), 20, 0.0, None))
     cases.append(("dpmpp_2m_karras_vpred_20", "dpmpp_2m_karras", dict(sdxl, prediction_type="v_prediction"), 20, 0.0, None))
-    cases.append(("dpmpp_2m_lambda_clipped_7", "dpmpp_2m", dict(SD15, lambda_min_clipped=-5.1, timestep_spacing="linspace"), 7, 0.0, None))
+    cases.append(("dpmpp_2m_lambda_clipped_7", "dpmpp_2m", dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1, timestep_spacing="linspace"), 7, 0.0, None))
     cases.append(("dpmpp_2m_order1_5", "dpmpp_2m", dict(sdxl, solver_order=1), 5, 0.0, None))
     cases.append(("ddpm_fixed_small_log_5", "ddpm", dict(SD15, variance_type="fixed_small_log", clip_sample=False), 5, 0.0, None))
     for name in ["euler", "euler_a", "ddim", "dpmpp_2m", "ddpm"]:
