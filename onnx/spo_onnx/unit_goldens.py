@@ -289,7 +289,11 @@ def run_scheduler_case(case):
             traj.append(_flat(sample))
     finally:
         mod.randn_tensor = orig_randn
-    config = {k: v for k, v in dict(sched.config).items()}
+    # As a scheduler_config.json would hold it: the class name and diffusers version
+    # (unknown fields the Rust side must ignore); `_use_default_values` is dropped
+    # because its order is not stable between runs.
+    config = {"_class_name": cls_name, "_diffusers_version": diffusers.__version__}
+    config.update({k: v for k, v in dict(sched.config).items() if k != "_use_default_values"})
     return {
         "case": cname,
         "scheduler_class": cls_name,
