@@ -151,8 +151,181 @@ def main():
         write_schedulers(a.root)
 
 
+SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+SCHED_CLASSES = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_karras": "DPMSolverMultistepScheduler",
+    "ddpm": "DDPMScheduler",
+}
+
+
+def scheduler_cases():
+    """(case name, our scheduler name, extra config, steps, eta, img2img strength or None)."""
+    cases = []
+    sdxl = dict(SD15, steps_offset=1, timestep_spacing="leading")
+    for name in ["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "ddpm"]:
+        for spacing in ["leading", "trailing", "linspace"]:
+            for offset in [0, 1]:
+                if spacing != "leading" and offset == 1:
+                    continue
+                steps = {"leading": 20, "trailing": 5, "linspace": 4}[spacing]
+                cfg = dict(SD15, timestep_spacing=spacing, steps_offset=offset)
+                cases.append((f"{name}_{spacing}_off{offset}_{steps}", name, cfg, steps, 0.0, None))
+        cases.append((f"{name}_sdxl_vpred_5", name, dict(sdxl, prediction_type="v_prediction"), 5, 0.0, None))
+        cases.append((f"{name}_linear_default_4", name, dict(num_train_timesteps=1000), 4, 0.0, None))
+        cases.append((f"{name}_img2img_20", name, dict(sdxl), 20, 0.0, 0.6))
+        cases.append((f"{name}_img2img_vpred_5", name, dict(sdxl, prediction_type="v_prediction"), 5, 0.0, 0.6))
+    for k in [True]:
+        cases.append(("euler_karras_sdxl_20", "euler", dict(sdxl, use_karras_sigmas=k), 20, 0.0, None))
+        cases.append(("euler_karras_vpred_5", "euler", dict(sdxl, use_karras_sigmas=k, prediction_type="v_prediction"), 5, 0.0, None))
+    cases.append(("euler_sigma_min_final_5", "euler", dict(sdxl, final_sigmas_type="sigma_min"), 5, 0.0, None))
+    cases.append(("ddim_eta1_20", "ddim", dict(SD15, steps_offset=1, clip_sample=False, set_alpha_to_one=False), 20, 1.0, None))
+    cases.append(("ddim_eta05_trailing_5", "ddim", dict(SD15, timestep_spacing="trailing"), 5, 0.5, None))
+    cases.append(("ddim_eta05_img2img_20", "ddim", dict(sdxl), 20, 0.5, 0.6))
+    cases.append(("ddim_clip_sample_4", "ddim", dict(SD15, clip_sample=True, clip_sample_range=0.5), 4, 0.0, None))
+    cases.append(("ddpm_fixed_large_5", "ddpm", dict(SD15, variance_type="fixed_large", clip_sample=False), 5, 0.0, None))
+    cases.append(("dpmpp_2m_sigma_min_20", "dpmpp_2m", dict(sdxl, final_sigmas_type="sigma_min"), 20, 0.0, None))
+    cases.append(("dpmpp_2m_karras_sigma_min_5", "dpmpp_2m_karras", dict(sdxl, final_sigmas_type="sigma_min"), 5, 0.0, None))
+    cases.append(("dpmpp_2m_no_lower_order_final_20", "dpmpp_2m", dict(sdxl, lower_order_final=False, final_sigmas_type="sigma_min"), 20, 0.0, None))
+    cases.append(("dpmpp_2m_euler_at_final_5", "dpmpp_2m", dict(sdxl, euler_at_final=True, final_sigmas_type="sigma_min"), 5, 0.0, None))
+    cases.append(("dpmpp_2m_squaredcos_5", "dpmpp_2m", dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"), 5, 0.0, None))
+    cases.append(("euler_zero_snr_trailing_5", "euler", dict(sdxl, timestep_spacing="trailing", rescale_betas_zero_snr=True, prediction_type="v_prediction"), 5, 0.0, None))
+    cases.append(("ddim_zero_snr_trailing_5", "ddim", dict(sdxl, timestep_spacing="trailing", rescale_betas_zero_snr=True, prediction_type="v_prediction"), 5, 0.0, None))
+    # Less common settings and awkward step counts.
+    cases.append(("euler_continuous_vpred_5", "euler", dict(sdxl, timestep_type="continuous", prediction_type="v_prediction"), 5, 0.0, None))
+    cases.append(("euler_sample_pred_4", "euler", dict(SD15, prediction_type="sample"), 4, 0.0, None))
+    cases.append(("ddim_sample_pred_5", "ddim", dict(SD15, prediction_type="sample", clip_sample=False), 5, 0.0, None))
+    cases.append(("dpmpp_2m_heun_20", "dpmpp_2m", dict(sdxl, solver_type="heun"), 20, 0.0, None))
+    cases.append(("dpmpp_2m_karras_vpred_20", "dpmpp_2m_karras", dict(sdxl, prediction_type="v_prediction"), 20, 0.0, None))
+    cases.append(("dpmpp_2m_lambda_clipped_7", "dpmpp_2m", dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1, timestep_spacing="linspace"), 7, 0.0, None))
+    cases.append(("dpmpp_2m_order1_5", "dpmpp_2m", dict(sdxl, solver_order=1), 5, 0.0, None))
+    cases.append(("ddpm_fixed_small_log_5", "ddpm", dict(SD15, variance_type="fixed_small_log", clip_sample=False), 5, 0.0, None))
+    for name in ["euler", "euler_a", "ddim", "dpmpp_2m", "ddpm"]:
+        cases.append((f"{name}_trailing_7", name, dict(SD15, timestep_spacing="trailing"), 7, 0.0, None))
+        cases.append((f"{name}_linspace_3", name, dict(SD15, timestep_spacing="linspace"), 3, 0.0, None))
+    cases.append(("euler_karras_linspace_7", "euler", dict(SD15, use_karras_sigmas=True), 7, 0.0, None))
+    cases.append(("euler_a_img2img_trailing_7", "euler_a", dict(SD15, timestep_spacing="trailing"), 7, 0.0, 0.6))
+    return cases
+
+
+def _flat(x):
+    return [float(v) for v in x.detach().reshape(-1).to(torch_mod().float64).tolist()]
+
+
+def torch_mod():
+    import torch
+
+    return torch
+
+
+def run_scheduler_case(case):
+    import diffusers
+    import importlib
+    torch = torch_mod()
+
+    cname, name, extra, steps, eta, strength = case
+    cls_name = SCHED_CLASSES[name]
+    cls = getattr(diffusers, cls_name)
+    cfg = dict(extra)
+    if name == "dpmpp_2m_karras":
+        cfg["use_karras_sigmas"] = True
+    if name == "dpmpp_2m":
+        cfg["use_karras_sigmas"] = False
+    sched = cls(**cfg)
+    sched.set_timesteps(steps)
+    timesteps = [float(t) for t in sched.timesteps.tolist()]
+    sigmas = None
+    if hasattr(sched, "sigmas") and cls_name != "DDIMScheduler" and cls_name != "DDPMScheduler":
+        sigmas = [float(s) for s in sched.sigmas.to(torch.float64).tolist()]
+    init_noise_sigma = float(sched.init_noise_sigma)
+    shape = (1, 4, 2, 2)
+    gen = torch.Generator().manual_seed(1234)
+    base = torch.randn(shape, generator=gen, dtype=torch.float32)
+    begin = 0
+    img2img = None
+    if strength is None:
+        sample = base * sched.init_noise_sigma
+    else:
+        init_timestep = min(int(steps * strength), steps)
+        begin = max(steps - init_timestep, 0) * sched.order
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(begin)
+        original = torch.randn(shape, generator=gen, dtype=torch.float32)
+        t0 = sched.timesteps[begin : begin + 1]
+        sample = sched.add_noise(original, base, t0)
+        img2img = {"strength": strength, "begin_index": begin, "original": _flat(original), "noise": _flat(base), "noised": _flat(sample)}
+    sample0 = sample.clone()
+
+    # Noise for stochastic steps, drawn in advance and handed out in order by a
+    # patched randn_tensor (the scheduler module's own import).
+    noise_gen = torch.Generator().manual_seed(4321)
+    pending = [torch.randn(shape, generator=noise_gen, dtype=torch.float32) for _ in range(steps)]
+    used = []
+    mod = importlib.import_module(cls.__module__)
+    orig_randn = mod.randn_tensor
+
+    def fake_randn(shape_, generator=None, device=None, dtype=None, layout=None):
+        n = pending[len(used)]
+        used.append(n)
+        return n.to(dtype or torch.float32)
+
+    mod.randn_tensor = fake_randn
+    model_outputs, traj, noises = [], [], []
+    try:
+        for i in range(begin, len(sched.timesteps)):
+            t = sched.timesteps[i]
+            scaled = sched.scale_model_input(sample, t)
+            mo = (0.5 * scaled.to(torch.float64) * math.cos(float(t) / 300.0) + 0.1).to(torch.float32)
+            before = len(used)
+            kw = {}
+            if cls_name == "DDIMScheduler":
+                kw["eta"] = eta
+            sample = sched.step(mo, t, sample, **kw).prev_sample
+            noises.append(_flat(used[-1]) if len(used) > before else None)
+            model_outputs.append(_flat(mo))
+            traj.append(_flat(sample))
+    finally:
+        mod.randn_tensor = orig_randn
+    # As a scheduler_config.json would hold it: the class name and diffusers version
+    # (unknown fields the Rust side must ignore); `_use_default_values` is dropped
+    # because its order is not stable between runs.
+    config = {"_class_name": cls_name, "_diffusers_version": diffusers.__version__}
+    config.update({k: v for k, v in dict(sched.config).items() if k != "_use_default_values"})
+    return {
+        "case": cname,
+        "scheduler_class": cls_name,
+        "name": name,
+        "eta": eta,
+        "config": config,
+        "steps": steps,
+        "timesteps": timesteps,
+        "sigmas": sigmas,
+        "init_noise_sigma": init_noise_sigma,
+        "begin_index": begin,
+        "img2img": img2img,
+        "sample0": _flat(sample0),
+        "noise": noises if any(n is not None for n in noises) else None,
+        "model_outputs": model_outputs,
+        "trajectory": traj,
+    }
+
+
 def write_schedulers(root):
-    pass
+    out_dir = os.path.join(root, "tests", "fixtures", "goldens", "scheduler")
+    os.makedirs(out_dir, exist_ok=True)
+    for f in os.listdir(out_dir):
+        if f.endswith(".json"):
+            os.remove(os.path.join(out_dir, f))
+    cases = scheduler_cases()
+    for case in cases:
+        g = run_scheduler_case(case)
+        with open(os.path.join(out_dir, case[0] + ".json"), "w") as f:
+            json.dump(g, f)  # DPM's lambda_min_clipped is written as -Infinity, as diffusers does
+            f.write("\n")
+    print(f"wrote {out_dir}: {len(cases)} cases")
 
 
 if __name__ == "__main__":
