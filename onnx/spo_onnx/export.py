@@ -1,0 +1,587 @@
+"""Exports a diffusers SDXL / SD 1.5 pipeline to the diffusers/optimum ONNX
+folder layout that spo-runtime loads.
+
+    PYTHONPATH=onnx python -m spo_onnx.export --pipeline DIR_OR_SAFETENSORS --out OUT \
+        [--fp16] [--vae-fp16] [--opset N] [--static-shape HxW --batch N] \
+        [--lora-slots RANK] [--lora FILE[:W]]... [--dynamo] [--config DIR]
+
+The I/O contract is in onnx/DESIGN.md. The TorchScript exporter is the default
+(LoRA-ready: no fusions, no packed QKV); `unet/lora_targets.json` maps every
+UNet Linear/Conv2d module to the ONNX initializer holding its weight.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import types
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULT_OPSET = 17
+EXTERNAL_DATA_THRESHOLD = 1024
+TWO_GB = 2**31 - 2**26  # stay well below the protobuf limit
+
+SLOT_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _is_sdxl_checkpoint(path):
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return any(k.startswith("conditioner.embedders.1") for k in f.keys())
+
+
+def load_pipeline(src, config=None, dtype=torch.float32):
+    """A diffusers pipeline from a folder, or from one single-file checkpoint
+    (`config` = a local diffusers folder holding the component configs, as
+    there is no hub access)."""
+    import diffusers
+
+    if os.path.isdir(src):
+        kwargs = {}
+        with open(os.path.join(src, "model_index.json")) as f:
+            index = json.load(f)
+        if "safety_checker" in index:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        return diffusers.DiffusionPipeline.from_pretrained(src, torch_dtype=dtype, **kwargs)
+    cls = diffusers.StableDiffusionXLPipeline if _is_sdxl_checkpoint(src) else diffusers.StableDiffusionPipeline
+    kwargs = {"torch_dtype": dtype}
+    if config:
+        kwargs["config"] = config
+    if cls is diffusers.StableDiffusionPipeline:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return cls.from_single_file(src, **kwargs)
+
+
+def is_sdxl(pipe):
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def parse_lora_arg(spec):
+    """FILE[:W] -> (file, weight). A Windows drive letter or a path containing
+    ':' is handled by only splitting off a trailing float."""
+    if ":" in spec:
+        head, tail = spec.rsplit(":", 1)
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def fuse_loras(pipe, loras):
+    """diffusers load_lora_weights + fuse_lora, each LoRA with its multiplier."""
+    if not loras:
+        return
+    names = []
+    for i, (path, _) in enumerate(loras):
+        name = f"lora{i}"
+        pipe.load_lora_weights(path, adapter_name=name)
+        names.append(name)
+    pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
+    components = ["unet", "text_encoder"] + (["text_encoder_2"] if is_sdxl(pipe) else [])
+    pipe.fuse_lora(components=components, adapter_names=names, lora_scale=1.0)
+    pipe.unload_lora_weights()
+
+
+# --------------------------------------------------------------------------- ONNX helpers
+
+
+def _export(module, args, path, input_names, output_names, dynamic_axes, opset, dynamo):
+    """Runs torch.onnx.export into `path` (a file in a scratch folder)."""
+    kwargs = dict(
+        input_names=input_names,
+        output_names=output_names,
+        opset_version=opset,
+        do_constant_folding=True,
+    )
+    if dynamo:
+        # dynamo: dynamic shapes given as dynamic_axes are converted by torch
+        torch.onnx.export(module, args, path, dynamo=True, dynamic_axes=dynamic_axes, external_data=True, **kwargs)
+    else:
+        torch.onnx.export(module, args, path, dynamo=False, dynamic_axes=dynamic_axes, **kwargs)
+
+
+def _model_bytes(model):
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def save_onnx(model, path, external=None):
+    """Saves `model`; external data goes to `<path>_data` (model.onnx_data)
+    when `external` is True, or when None and the weights are above ~2 GB."""
+    import onnx
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data_name = os.path.basename(path) + "_data"
+    data_path = os.path.join(os.path.dirname(path), data_name)
+    if os.path.exists(data_path):
+        os.remove(data_path)
+    if external is None:
+        external = _model_bytes(model) > TWO_GB
+    if external:
+        onnx.save_model(
+            model,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=EXTERNAL_DATA_THRESHOLD,
+        )
+    else:
+        onnx.save_model(model, path)
+
+
+def _patch_forward(module, fn):
+    """Replaces module.forward on the instance: the module stays the traced root,
+    so node scopes and initializer names keep their diffusers paths (no wrapper
+    prefix)."""
+    module.forward = types.MethodType(fn, module)
+
+
+# --------------------------------------------------------------------------- text encoders
+
+
+def export_text_encoder(te, out_dir, with_projection, opset, dynamo, batch, static):
+    te = te.eval()
+    n_layers = te.config.num_hidden_layers
+    orig_forward = te.forward
+
+    def forward(self, input_ids):
+        out = orig_forward(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+        hs = tuple(out.hidden_states)
+        if with_projection:
+            return (out.text_embeds, out.last_hidden_state) + hs
+        return (out.last_hidden_state, out.pooler_output) + hs
+
+    _patch_forward(te, forward)
+    hs_names = [f"hidden_states.{i}" for i in range(n_layers + 1)]
+    outputs = (["text_embeds", "last_hidden_state"] if with_projection else ["last_hidden_state", "pooler_output"]) + hs_names
+    ids = torch.full((batch, 77), 49407, dtype=torch.int64)
+    ids[:, 0] = 49406
+    ids[:, 1:4] = torch.tensor([320, 1929, 539])
+    axes = None
+    if not static:
+        axes = {"input_ids": {0: "batch_size"}}
+        for n in outputs:
+            axes[n] = {0: "batch_size"}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = os.path.join(tmp, "model.onnx")
+            with torch.no_grad():
+                _export(te, (ids,), p, ["input_ids"], outputs, axes, opset, dynamo)
+            import onnx
+
+            m = onnx.load(p)
+        save_onnx(m, os.path.join(out_dir, "model.onnx"))
+    finally:
+        del te.forward
+    te.config.to_json_file(os.path.join(out_dir, "config.json"))
+
+
+# --------------------------------------------------------------------------- UNet
+
+
+def unet_slot_modules(unet):
+    """Attention projections that get LoRA slots: to_q/to_k/to_v/to_out.0 of
+    every attn1/attn2 (diffusers Attention modules inside transformer blocks)."""
+    out = []
+    for name, mod in unet.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        parts = name.split(".")
+        tail = ".".join(parts[-2:]) if parts[-1] == "0" else parts[-1]
+        if tail in SLOT_PROJECTIONS and len(parts) >= 2 and parts[-2 if parts[-1] != "0" else -3] in ("attn1", "attn2"):
+            out.append((name, mod))
+    return out
+
+
+def _install_slots(modules, ctx):
+    """Linear forward becomes y = xW^T + b + (x A^T) B^T with A/B read from ctx."""
+    for name, mod in modules:
+
+        def fwd(self, x, _name=name):
+            y = F.linear(x, self.weight, self.bias)
+            a = ctx[_name + ".down"]
+            b = ctx[_name + ".up"]
+            return y + torch.matmul(torch.matmul(x, a.transpose(0, 1)), b.transpose(0, 1))
+
+        _patch_forward(mod, fwd)
+
+
+def _uninstall_slots(modules):
+    for _, mod in modules:
+        if "forward" in mod.__dict__:
+            del mod.forward
+
+
+def slot_input_names(path):
+    return f"lora.{path}.down", f"lora.{path}.up"
+
+
+def export_unet(unet, out_dir, sdxl, dtype, opset, dynamo, batch, static_hw, lora_slots, text_embeds_dim=None):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = unet.eval()
+    unet.set_attn_processor(AttnProcessor())
+    cfg = unet.config
+    cross = cfg.cross_attention_dim
+    if isinstance(cross, (list, tuple)):
+        cross = cross[0]
+    h, w = static_hw or (cfg.sample_size * 8, cfg.sample_size * 8)
+    # the latent size to trace with: a multiple of 2**num_upsamplers, so that
+    # the traced graph uses plain scale-2 upsampling (see DESIGN.md)
+    lh, lw = h // 8, w // 8
+    if not static_hw:
+        up = 2 ** (len(cfg.block_out_channels) - 1)
+        lh = max(up, (lh // up) * up)
+        lw = max(up, (lw // up) * up)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(batch, cfg.in_channels, lh, lw, generator=g).to(dtype)
+    timestep = torch.full((batch,), 999.0, dtype=torch.float32)
+    ehs = torch.randn(batch, 77, cross, generator=g).to(dtype)
+    args = [sample, timestep, ehs]
+    inputs = ["sample", "timestep", "encoder_hidden_states"]
+    axes = {
+        "sample": {0: "batch_size", 2: "height", 3: "width"},
+        "timestep": {0: "batch_size"},
+        "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+        "out_sample": {0: "batch_size", 2: "height", 3: "width"},
+    }
+    if sdxl:
+        te_dim = text_embeds_dim or (cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
+        args += [torch.randn(batch, te_dim, generator=g).to(dtype), torch.tensor([[h, w, 0, 0, h, w]] * batch, dtype=dtype)]
+        inputs += ["text_embeds", "time_ids"]
+        axes["text_embeds"] = {0: "batch_size"}
+        axes["time_ids"] = {0: "batch_size"}
+
+    slot_mods = unet_slot_modules(unet) if lora_slots else []
+    ctx = {}
+    slots = []
+    for name, mod in slot_mods:
+        dn, upn = slot_input_names(name)
+        args += [torch.zeros(lora_slots, mod.in_features, dtype=dtype), torch.zeros(mod.out_features, lora_slots, dtype=dtype)]
+        inputs += [dn, upn]
+        axes[dn] = {0: "lora_rank"}
+        axes[upn] = {1: "lora_rank"}
+        slots.append({"module": name, "down": dn, "up": upn, "rank": lora_slots, "in_features": mod.in_features, "out_features": mod.out_features})
+    n_fixed = len(inputs) - 2 * len(slot_mods)
+    if static_hw:
+        axes = None
+
+    orig_forward = unet.forward
+
+    def forward(self, *a):
+        for i, (name, _) in enumerate(slot_mods):
+            dn, upn = slot_input_names(name)
+            ctx[dn] = a[n_fixed + 2 * i]
+            ctx[upn] = a[n_fixed + 2 * i + 1]
+        kw = {}
+        if sdxl:
+            kw["added_cond_kwargs"] = {"text_embeds": a[3], "time_ids": a[4]}
+        return orig_forward(a[0], a[1], encoder_hidden_states=a[2], return_dict=False, **kw)[0]
+
+    _patch_forward(unet, forward)
+    _install_slots(slot_mods, ctx)
+    import onnx
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = os.path.join(tmp, "model.onnx")
+            with torch.no_grad():
+                _export(unet, tuple(args), p, inputs, ["out_sample"], axes, opset, dynamo)
+            m = onnx.load(p)
+    finally:
+        del unet.forward
+        _uninstall_slots(slot_mods)
+
+    targets = lora_targets(unet, m, dtype)
+    if slots:
+        # zero defaults: an initializer with the same name as a graph input is
+        # the input's default value (IR >= 4), so the graph runs as the base model
+        np_dtype = np.float16 if dtype == torch.float16 else np.float32
+        for s in slots:
+            m.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((s["rank"], s["in_features"]), np_dtype), s["down"]))
+            m.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((s["out_features"], s["rank"]), np_dtype), s["up"]))
+    save_onnx(m, os.path.join(out_dir, "model.onnx"), external=True)
+    targets["slots"] = slots
+    targets["slot_formula"] = "y = x W^T + b + (x down^T) up^T; scale (multiplier*alpha/rank) is folded into up by the caller; rank axis is dynamic"
+    with open(os.path.join(out_dir, "lora_targets.json"), "w") as f:
+        json.dump(targets, f, indent=1)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        f.write(_config_json(unet.config))
+
+
+# --------------------------------------------------------------------------- lora_targets.json
+
+
+def _scope_path(node_name):
+    """'/down_blocks.1/attentions.0/transformer_blocks.0/attn1/to_q/MatMul' ->
+    'down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q' (drops the op,
+    collapses duplicated Sequential scopes such as '/layer1/layer1.0')."""
+    parts = [p for p in node_name.strip("/").split("/")][:-1]
+    out = []
+    for p in parts:
+        if out and p.startswith(out[-1] + "."):
+            out[-1] = p
+        else:
+            out.append(p)
+    return ".".join(out)
+
+
+def _digest(arr):
+    return hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def lora_targets(unet, model, dtype):
+    """For every nn.Linear / nn.Conv2d of the UNet: the initializer holding its
+    weight and the layout. Candidates come from the consuming node's scope; each
+    is confirmed by comparing values with the torch parameter; if that fails,
+    the initializer is found by value (hash of the bytes)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    arrays = {}
+
+    def arr(name):
+        if name not in arrays:
+            arrays[name] = numpy_helper.to_array(inits[name])
+        return arrays[name]
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    by_scope = {}
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Gemm", "Conv") or len(n.input) < 2:
+            continue
+        w = n.input[1]
+        via = None
+        if w not in inits and w in producers and producers[w].op_type in ("Transpose", "Cast") and producers[w].input[0] in inits:
+            via = producers[w].op_type
+            w = producers[w].input[0]
+        if w in inits:
+            by_scope.setdefault(_scope_path(n.name), []).append((w, n.op_type, n.name, via))
+
+    by_hash = None
+    np_dtype = np.float16 if dtype == torch.float16 else np.float32
+    modules = []
+    missing = []
+    for path, mod in unet.named_modules():
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        wt = mod.weight.detach().to(torch.float32).numpy().astype(np_dtype)
+        kind = "conv" if isinstance(mod, torch.nn.Conv2d) else "linear"
+        found = None
+        for init, op, node, via in by_scope.get(path, []):
+            a = arr(init)
+            if a.shape == wt.shape and np.array_equal(a, wt):
+                found = (init, "conv_oihw" if kind == "conv" else "linear_out_in", op, node)
+            elif kind == "linear" and a.shape == wt.T.shape and np.array_equal(a, wt.T):
+                found = (init, "linear_in_out", op, node)
+            if found:
+                break
+        if not found:
+            if by_hash is None:
+                by_hash = {}
+                for name, t in inits.items():
+                    if len(t.dims) >= 2:
+                        by_hash.setdefault((tuple(t.dims), _digest(arr(name))), name)
+            h1 = by_hash.get((wt.shape, _digest(wt)))
+            if h1:
+                found = (h1, "conv_oihw" if kind == "conv" else "linear_out_in", None, None)
+            elif kind == "linear":
+                h2 = by_hash.get((wt.T.shape, _digest(wt.T)))
+                if h2:
+                    found = (h2, "linear_in_out", None, None)
+        entry = {"module": path, "kind": kind, "weight_shape": list(wt.shape)}
+        if found:
+            entry.update(initializer=found[0], layout=found[1], initializer_shape=list(arr(found[0]).shape), op=found[2], node=found[3])
+            b = path + ".bias"
+            entry["bias_initializer"] = b if b in inits else None
+        else:
+            entry.update(initializer=None, layout=None)
+            missing.append(path)
+        modules.append(entry)
+    if missing:
+        print(f"warning: {len(missing)} UNet modules without an initializer: {missing[:5]}...", file=sys.stderr)
+    return {"format": 1, "dtype": "float16" if dtype == torch.float16 else "float32", "modules": modules, "missing": missing}
+
+
+# --------------------------------------------------------------------------- VAE
+
+
+def export_vae(vae, out_root, dtype, opset, dynamo, batch, static_hw):
+    import onnx
+
+    vae = vae.eval()
+    cfg = vae.config
+    h, w = static_hw or (64, 64)
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(batch, cfg.latent_channels, h // factor, w // factor, generator=g).to(dtype)
+    img = (torch.rand(batch, cfg.in_channels, h, w, generator=g) * 2 - 1).to(dtype)
+    orig_forward = vae.forward
+
+    def dec(self, latent_sample):
+        return self.decode(latent_sample, return_dict=False)[0]
+
+    def enc(self, sample):
+        hcur = self.encoder(sample)
+        if self.quant_conv is not None:
+            hcur = self.quant_conv(hcur)
+        return hcur
+
+    for name, fn, x, iname, oname in (
+        ("vae_decoder", dec, lat, "latent_sample", "sample"),
+        ("vae_encoder", enc, img, "sample", "latent_parameters"),
+    ):
+        _patch_forward(vae, fn)
+        axes = None if static_hw else {iname: {0: "batch_size", 2: "height", 3: "width"}, oname: {0: "batch_size", 2: "height", 3: "width"}}
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                p = os.path.join(tmp, "model.onnx")
+                with torch.no_grad():
+                    _export(vae, (x,), p, [iname], [oname], axes, opset, dynamo)
+                m = onnx.load(p)
+        finally:
+            del vae.forward
+        out_dir = os.path.join(out_root, name)
+        save_onnx(m, os.path.join(out_dir, "model.onnx"))
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            f.write(_config_json(cfg))
+    assert vae.forward == orig_forward
+
+
+# --------------------------------------------------------------------------- tokenizers / configs
+
+
+def save_tokenizer(tok, out_dir, src_dir=None):
+    """tokenizer files as diffusers saves them, plus vocab.json / merges.txt
+    (copied from the source folder, else rebuilt from tokenizer.json)."""
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save_pretrained(out_dir)
+    for fname in ("vocab.json", "merges.txt"):
+        if src_dir and os.path.exists(os.path.join(src_dir, fname)):
+            shutil.copyfile(os.path.join(src_dir, fname), os.path.join(out_dir, fname))
+    if not os.path.exists(os.path.join(out_dir, "vocab.json")):
+        with open(os.path.join(out_dir, "tokenizer.json"), encoding="utf-8") as f:
+            model = json.load(f)["model"]
+        with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(model["vocab"], f, ensure_ascii=False)
+        with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+            for m in model["merges"]:
+                f.write((m if isinstance(m, str) else " ".join(m)) + "\n")
+    # the optimum layout has no tokenizer.json; it is 3.6 MB and redundant
+    if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
+        os.remove(os.path.join(out_dir, "tokenizer.json"))
+
+
+def _config_json(cfg):
+    return json.dumps({k: v for k, v in dict(cfg).items()}, indent=2, sort_keys=True, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def export_pipeline(
+    src,
+    out,
+    fp16=False,
+    vae_fp16=False,
+    opset=DEFAULT_OPSET,
+    static_hw=None,
+    batch=None,
+    lora_slots=0,
+    loras=(),
+    dynamo=False,
+    config=None,
+    components=("text_encoder", "text_encoder_2", "unet", "vae"),
+    pipe=None,
+):
+    t0 = time.time()
+    torch.manual_seed(0)
+    if pipe is None:
+        pipe = load_pipeline(src, config=config)
+    fuse_loras(pipe, list(loras))
+    sdxl = is_sdxl(pipe)
+    dt = torch.float16 if fp16 else torch.float32
+    vdt = torch.float16 if vae_fp16 else torch.float32
+    os.makedirs(out, exist_ok=True)
+    src_dir = src if src and os.path.isdir(src) else None
+    # folder-level files
+    if src_dir:
+        shutil.copyfile(os.path.join(src_dir, "model_index.json"), os.path.join(out, "model_index.json"))
+    else:
+        with open(os.path.join(out, "model_index.json"), "w") as f:
+            json.dump(dict(pipe.config), f, indent=2, default=lambda o: list(o))
+    os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+    sched_src = os.path.join(src_dir, "scheduler", "scheduler_config.json") if src_dir else None
+    if sched_src and os.path.exists(sched_src):
+        shutil.copyfile(sched_src, os.path.join(out, "scheduler", "scheduler_config.json"))
+    else:
+        pipe.scheduler.save_config(os.path.join(out, "scheduler"))
+    save_tokenizer(pipe.tokenizer, os.path.join(out, "tokenizer"), src_dir and os.path.join(src_dir, "tokenizer"))
+    if sdxl:
+        save_tokenizer(pipe.tokenizer_2, os.path.join(out, "tokenizer_2"), src_dir and os.path.join(src_dir, "tokenizer_2"))
+
+    b = batch or 1
+    if "text_encoder" in components:
+        export_text_encoder(pipe.text_encoder.to(dt), os.path.join(out, "text_encoder"), False, opset, dynamo, b, static_hw is not None)
+        print(f"text_encoder done ({time.time() - t0:.1f}s)", file=sys.stderr)
+    if sdxl and "text_encoder_2" in components:
+        export_text_encoder(pipe.text_encoder_2.to(dt), os.path.join(out, "text_encoder_2"), True, opset, dynamo, b, static_hw is not None)
+        print(f"text_encoder_2 done ({time.time() - t0:.1f}s)", file=sys.stderr)
+    if "unet" in components:
+        te_dim = pipe.text_encoder_2.config.projection_dim if sdxl else None
+        export_unet(pipe.unet.to(dt), os.path.join(out, "unet"), sdxl, dt, opset, dynamo, batch or 2, static_hw, lora_slots, te_dim)
+        print(f"unet done ({time.time() - t0:.1f}s)", file=sys.stderr)
+    if "vae" in components:
+        export_vae(pipe.vae.to(vdt), out, vdt, opset, dynamo, b, static_hw)
+        print(f"vae done ({time.time() - t0:.1f}s)", file=sys.stderr)
+    return pipe
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pipeline", required=True, help="diffusers folder, or a single .safetensors checkpoint")
+    ap.add_argument("--config", help="for a single-file checkpoint: a local diffusers folder with the component configs")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--fp16", action="store_true", help="UNet and text encoders in fp16 (VAE stays fp32)")
+    ap.add_argument("--vae-fp16", action="store_true", help="VAE in fp16 too (only for an fp16-safe VAE)")
+    ap.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    ap.add_argument("--static-shape", help="HxW image size: export static shapes")
+    ap.add_argument("--batch", type=int, help="batch size (static with --static-shape; trace size otherwise)")
+    ap.add_argument("--lora-slots", type=int, default=0, metavar="RANK", help="add low-rank LoRA branch inputs to attention projections")
+    ap.add_argument("--lora", action="append", default=[], metavar="FILE[:W]", help="fuse a LoRA before export (repeatable)")
+    ap.add_argument("--dynamo", action="store_true", help="use the dynamo exporter instead of TorchScript")
+    a = ap.parse_args(argv)
+    static = None
+    if a.static_shape:
+        hh, ww = a.static_shape.lower().split("x")
+        static = (int(hh), int(ww))
+    export_pipeline(
+        a.pipeline,
+        a.out,
+        fp16=a.fp16,
+        vae_fp16=a.vae_fp16,
+        opset=a.opset,
+        static_hw=static,
+        batch=a.batch,
+        lora_slots=a.lora_slots,
+        loras=[parse_lora_arg(s) for s in a.lora],
+        dynamo=a.dynamo,
+        config=a.config,
+    )
+
+
+if __name__ == "__main__":
+    main()
