@@ -392,3 +392,21 @@ fn img2img_start_matches_get_timesteps() {
     assert_eq!(img2img_start_index(10, 0.0, 1).unwrap(), 10);
     assert!(img2img_start_index(10, 1.5, 1).is_err());
 }
+
+#[test]
+fn names_fix_karras_and_ignore_foreign_fields() {
+    let cfg = SchedulerConfig {
+        use_karras_sigmas: true,
+        ..SchedulerConfig::default()
+    };
+    let mut plain = build_scheduler("dpmpp_2m", &cfg, 0.0).unwrap();
+    let mut karras = build_scheduler("dpmpp_2m_karras", &SchedulerConfig::default(), 0.0).unwrap();
+    plain.set_timesteps(10).unwrap();
+    karras.set_timesteps(10).unwrap();
+    assert_eq!(plain.timesteps()[1], 899.0); // linspace, not Karras
+    assert_eq!(karras.timesteps()[1], 937.0);
+    // Euler ancestral, DDIM and DDPM have no Karras option and ignore it.
+    for name in ["euler_a", "ddim", "ddpm"] {
+        build_scheduler(name, &cfg, 0.0).unwrap();
+    }
+}

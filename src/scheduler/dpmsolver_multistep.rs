@@ -40,6 +40,7 @@ impl DpmSolverMultistepScheduler {
     /// `name` is what [`Scheduler::name`] reports (`dpmpp_2m` or `dpmpp_2m_karras`).
     pub fn new(config: SchedulerConfig, name: &'static str) -> Result<Self> {
         config.validate()?;
+        config.refuse_unported_sigmas()?;
         if config.algorithm_type != "dpmsolver++" {
             return Err(Error::unsupported(format!(
                 "scheduler config: field `algorithm_type`: {:?} is not supported (only \"dpmsolver++\")",
@@ -173,11 +174,10 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let mut timesteps = self.int_spacing(n);
         let mut sigmas: Vec<f64> = if self.config.use_karras_sigmas {
             let log_sigmas = schedule::log_sigmas_f32(&self.train_sigmas);
-            let smin = self.config.sigma_min.unwrap_or(self.train_sigmas[0]);
-            let smax = self
-                .config
-                .sigma_max
-                .unwrap_or(self.train_sigmas[self.train_sigmas.len() - 1]);
+            // The class has no sigma_min / sigma_max config fields, so diffusers
+            // always uses the full training range here.
+            let smin = self.train_sigmas[0];
+            let smax = self.train_sigmas[self.train_sigmas.len() - 1];
             let sig = schedule::karras_sigmas(smin, smax, n);
             let round = self.config.beta_schedule()? != BetaSchedule::SquaredCosCapV2;
             timesteps = sig

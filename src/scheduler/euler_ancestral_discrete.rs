@@ -5,7 +5,8 @@
 //! `diffusers/src/diffusers/schedulers/scheduling_euler_ancestral_discrete.py` at
 //! v0.42.1 (`set_timesteps`, `scale_model_input`, `step`, `add_noise`). Like
 //! diffusers it draws noise at every step, the last included (where
-//! `sigma_up = 0`), so [`Scheduler::needs_noise`] is always true.
+//! `sigma_up = 0`), so [`Scheduler::needs_noise`] is always true. The class has
+//! no Karras option; `use_karras_sigmas` in the config is ignored, as in diffusers.
 
 use super::schedule::{self, f32r, TrainScheduleOpts};
 use super::{
@@ -32,11 +33,6 @@ impl EulerAncestralDiscreteScheduler {
         if pred == Prediction::Sample {
             return Err(Error::unsupported(
                 "scheduler config: field `prediction_type`: \"sample\" is not implemented for euler_a (as in diffusers)",
-            ));
-        }
-        if config.use_karras_sigmas {
-            return Err(Error::unsupported(
-                "scheduler config: field `use_karras_sigmas`: not supported by euler_a",
             ));
         }
         let ac = schedule::alphas_cumprod(

@@ -27,6 +27,7 @@ pub struct EulerDiscreteScheduler {
 impl EulerDiscreteScheduler {
     pub fn new(config: SchedulerConfig) -> Result<Self> {
         config.validate()?;
+        config.refuse_unported_sigmas()?;
         if config.interpolation_type != "linear" {
             return Err(Error::unsupported(format!(
                 "scheduler config: field `interpolation_type`: {:?} is not supported (only \"linear\")",

@@ -303,18 +303,6 @@ impl SchedulerConfig {
                 "scheduler config: field `thresholding`: dynamic thresholding is not supported",
             ));
         }
-        for (field, on) in [
-            ("use_exponential_sigmas", self.use_exponential_sigmas),
-            ("use_beta_sigmas", self.use_beta_sigmas),
-            ("use_lu_lambdas", self.use_lu_lambdas),
-            ("use_flow_sigmas", self.use_flow_sigmas),
-        ] {
-            if on {
-                return Err(Error::unsupported(format!(
-                    "scheduler config: field `{field}`: not supported"
-                )));
-            }
-        }
         Ok(())
     }
 
@@ -363,6 +351,24 @@ impl SchedulerConfig {
             Some(s) => Self::parse_spacing(s),
             None => Ok(default),
         }
+    }
+
+    /// Refuses the sigma schedules not ported (Euler and DPM-Solver call this; the
+    /// other classes have no such fields and ignore them, as diffusers does).
+    pub(crate) fn refuse_unported_sigmas(&self) -> Result<()> {
+        for (field, on) in [
+            ("use_exponential_sigmas", self.use_exponential_sigmas),
+            ("use_beta_sigmas", self.use_beta_sigmas),
+            ("use_lu_lambdas", self.use_lu_lambdas),
+            ("use_flow_sigmas", self.use_flow_sigmas),
+        ] {
+            if on {
+                return Err(Error::unsupported(format!(
+                    "scheduler config: field `{field}`: not supported"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// `final_sigmas_type` is `sigma_min` (vs `zero`, the default).
@@ -445,10 +451,12 @@ pub fn img2img_start_index(
     Ok(n.saturating_sub(init) * order)
 }
 
-/// Builds a scheduler by name: `euler`, `euler_a`, `ddim`, `dpmpp_2m`,
-/// `dpmpp_2m_karras` (forces `use_karras_sigmas = true`; `dpmpp_2m` keeps the
-/// config's value) or `ddpm`. `eta` is DDIM's (0 = deterministic); the other
-/// schedulers ignore it. `set_timesteps` must be called before stepping.
+/// Builds a scheduler by name: `euler` (Karras sigmas as the config says),
+/// `euler_a`, `ddim`, `dpmpp_2m` (forces `use_karras_sigmas = false`),
+/// `dpmpp_2m_karras` (forces `use_karras_sigmas = true`) or `ddpm`. Like
+/// diffusers' `from_config`, each class ignores the config fields it does not
+/// have. `eta` is DDIM's (0 = deterministic); the other schedulers ignore it.
+/// `set_timesteps` must be called before stepping.
 pub fn build_scheduler(
     name: &str,
     config: &SchedulerConfig,
@@ -459,10 +467,11 @@ pub fn build_scheduler(
         "euler" => Box::new(EulerDiscreteScheduler::new(config.clone())?),
         "euler_a" => Box::new(EulerAncestralDiscreteScheduler::new(config.clone())?),
         "ddim" => Box::new(DdimScheduler::new(config.clone(), eta)?),
-        "dpmpp_2m" => Box::new(DpmSolverMultistepScheduler::new(
-            config.clone(),
-            "dpmpp_2m",
-        )?),
+        "dpmpp_2m" => {
+            let mut c = config.clone();
+            c.use_karras_sigmas = false;
+            Box::new(DpmSolverMultistepScheduler::new(c, "dpmpp_2m")?)
+        }
         "dpmpp_2m_karras" => {
             let mut c = config.clone();
             c.use_karras_sigmas = true;

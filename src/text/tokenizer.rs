@@ -243,7 +243,7 @@ impl ClipTokenizer {
     }
 
     /// Builds a tokenizer from an in-memory vocabulary and merge list (in rank
-    /// order). `origin` names the source in error messages.
+    /// order) with the given pad token.
     pub fn from_parts(
         vocab: HashMap<String, u32>,
         merges: Vec<(String, String)>,
