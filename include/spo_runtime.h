@@ -99,11 +99,44 @@ typedef int32_t spo_log_level;
 // An error object owned by the caller; free it with `spo_error_free`.
 typedef struct spo_error spo_error;
 
+// Finished images, owned by the caller; free with `spo_images_free`.
+typedef struct spo_images spo_images;
+
+// A generation job. `spo_job_cancel` may be called from any thread; the other
+// calls on one job must not overlap (an overlapping call gets SPO_ERR_BUSY).
+typedef struct spo_job spo_job;
+
 // A settings object owned by the caller.
 typedef struct spo_options spo_options;
 
+// A loaded pipeline. Shareable between threads; it runs one job at a time.
+typedef struct spo_pipeline spo_pipeline;
+
 // A runtime, shareable by any number of threads.
 typedef struct spo_runtime spo_runtime;
+
+// Progress callback: called after each denoising step with the steps done
+// and the total. Return nonzero to cancel the job.
+typedef int32_t (*spo_progress_callback)(void *user_data, uint32_t done, uint32_t total);
+
+// Where a job stands after `spo_job_step`.
+typedef struct spo_job_status {
+  // Denoising steps finished.
+  uint32_t done;
+  // Denoising steps in this job (fewer than "steps" for img2img).
+  uint32_t total;
+  // 1 when the images are ready, else 0.
+  int32_t finished;
+} spo_job_status;
+
+// A borrowed view of one RGB8 image: `height` rows of `stride` bytes, 3 bytes
+// per pixel. `data` belongs to the `spo_images` it came from.
+typedef struct spo_image {
+  uint32_t width;
+  uint32_t height;
+  uint32_t stride;
+  const uint8_t *data;
+} spo_image;
 
 // Log callback: `level` is a `spo_log_level`, `message` is UTF-8 and valid only
 // during the call. It may be called from any thread that calls into the library.
@@ -144,6 +177,79 @@ const char *spo_error_message(const struct spo_error *error);
 //
 // Ownership: takes `error`; it must not be used afterwards. Threading: any thread.
 void spo_error_free(struct spo_error *error);
+
+// Creates a job on a pipeline. Job keys: "prompt", "negative_prompt",
+// "width", "height", "steps", "guidance", "guidance_rescale", "scheduler"
+// (euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, ddpm), "eta", "seed",
+// "generator" ("torch-cpu": same latents as torch.Generator("cpu").manual_seed),
+// "num_images", "clip_skip", "init_image" (PNG path, img2img), "strength",
+// "original_size" / "target_size" ("HxW"), "crops_coords_top_left" ("T,L").
+//
+// A pipeline holds one active job: from creation until the job finishes,
+// fails, is cancelled or is freed. Creating another meanwhile is SPO_ERR_BUSY.
+//
+// Ownership: borrows the arguments; `*out` is freed with `spo_job_free` and
+// written only on success. Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT,
+// SPO_ERR_UNKNOWN_OPTION, SPO_ERR_INVALID_OPTION_VALUE (names the key), SPO_ERR_BUSY.
+struct spo_error *spo_job_create(const struct spo_pipeline *pipeline,
+                                 const struct spo_options *options,
+                                 struct spo_job **out);
+
+// Sets (or with NULL removes) the progress callback. It runs on the thread
+// that calls `spo_job_step`/`spo_job_run`; a nonzero return cancels the job.
+//
+// Ownership: `user_data` stays the caller's and must outlive the job.
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY (the job is running).
+struct spo_error *spo_job_set_progress_callback(const struct spo_job *job,
+                                                spo_progress_callback callback,
+                                                void *user_data);
+
+// Advances one denoising step (the first step also encodes the prompt, the
+// last also decodes the images), so a host can spread a job over frames.
+//
+// `status` may be NULL; when given it is written on success.
+// Threading: not concurrently with other calls on this job (SPO_ERR_BUSY).
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_CANCELLED, SPO_ERR_BUSY, SPO_ERR_ORT,
+// SPO_ERR_INVALID_MODEL. After an error the job stays failed and the pipeline
+// is free for a new job.
+struct spo_error *spo_job_step(const struct spo_job *job, struct spo_job_status *status);
+
+// Runs the job to the end.
+//
+// Threading: not concurrently with other calls on this job (SPO_ERR_BUSY);
+// `spo_job_cancel` from another thread stops it with SPO_ERR_CANCELLED.
+// Errors: as `spo_job_step`.
+struct spo_error *spo_job_run(const struct spo_job *job);
+
+// Requests cancellation. Safe from any thread, also while `spo_job_run` runs
+// elsewhere: the running ONNX Runtime call is terminated and the job ends with
+// SPO_ERR_CANCELLED. NULL is a no-op.
+void spo_job_cancel(const struct spo_job *job);
+
+// Takes the images of a finished job (once).
+//
+// Ownership: `*out` is new, freed with `spo_images_free`; written only on
+// success. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (not
+// finished, or already taken), SPO_ERR_BUSY.
+struct spo_error *spo_job_take_images(const struct spo_job *job, struct spo_images **out);
+
+// Frees a job (cancelling it if unfinished) and frees its pipeline's job
+// slot. NULL is a no-op. Threading: no other thread may use this handle.
+void spo_job_free(struct spo_job *job);
+
+// Number of images; 0 for NULL. Threading: any thread.
+size_t spo_images_count(const struct spo_images *images);
+
+// Fills `out` with a view of image `index`.
+//
+// Ownership: the pixels belong to `images`, valid until `spo_images_free`.
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (index out of range).
+struct spo_error *spo_images_get(const struct spo_images *images,
+                                 size_t index,
+                                 struct spo_image *out);
+
+// Frees images. NULL is a no-op.
+void spo_images_free(struct spo_images *images);
 
 // Creates an empty options object.
 //
@@ -191,6 +297,39 @@ struct spo_error *spo_options_set_log_callback(struct spo_options *options,
 //
 // Ownership: takes `options`. Objects created from it do not depend on it.
 void spo_options_free(struct spo_options *options);
+
+// Loads a diffusers/optimum ONNX model folder (`model_index.json`, `unet/`,
+// `text_encoder/`, optionally `text_encoder_2/`, `vae_decoder/`,
+// `vae_encoder/`, `tokenizer*/`, `scheduler/`). SDXL or SD 1.5 is told from
+// `model_index.json`; dtypes and shapes are read from the graphs.
+//
+// Ownership: borrows all arguments; `options` may be NULL. On success `*out`
+// is a new pipeline, freed with `spo_pipeline_free`; it keeps the runtime alive.
+// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
+// SPO_ERR_UNKNOWN_OPTION, SPO_ERR_INVALID_MODEL (names the file and tensor),
+// SPO_ERR_ORT.
+struct spo_error *spo_pipeline_load(const struct spo_runtime *runtime,
+                                    const char *dir,
+                                    const struct spo_options *options,
+                                    struct spo_pipeline **out);
+
+// Answers a question about the pipeline as a new UTF-8 string. Keys: "kind"
+// ("sdxl" or "sd15"), "dir", "default_size" ("WxH"), "ep.<component>" (the
+// provider a component runs on, e.g. "ep.unet"), "io.<component>" (its inputs
+// and outputs with dtypes and shapes), "lora.mode".
+//
+// Ownership: `*out` is freed with `spo_string_free`; written only on success.
+// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
+// SPO_ERR_INVALID_ARGUMENT (unknown key; the message lists the known ones).
+struct spo_error *spo_pipeline_info(const struct spo_pipeline *pipeline,
+                                    const char *key,
+                                    char **out);
+
+// Frees a pipeline handle. NULL is a no-op. Jobs still alive keep the
+// pipeline's sessions alive until they are freed.
+//
+// Ownership: takes `pipeline`. Threading: no other thread may use this handle.
+void spo_pipeline_free(struct spo_pipeline *pipeline);
 
 // Creates a runtime: loads ONNX Runtime (searching the `ort.library_path`
 // option, `SPO_ORT_LIBRARY`, `ORT_DYLIB_PATH`, the folder of this library, then

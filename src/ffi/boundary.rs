@@ -117,3 +117,20 @@ pub(crate) fn owned_c_string(s: &str) -> *mut c_char {
         .unwrap_or_default()
         .into_raw()
 }
+
+/// A host's `void* user_data`, which the header requires to be usable from any
+/// thread the callback may run on.
+pub(crate) struct UserData(*mut std::ffi::c_void);
+// SAFETY: the header makes thread-safety of user_data the host's promise.
+unsafe impl Send for UserData {}
+unsafe impl Sync for UserData {}
+
+impl UserData {
+    pub(crate) fn new(p: *mut std::ffi::c_void) -> Self {
+        UserData(p)
+    }
+    // A method (not `.0`) so closures capture the Send wrapper, not the raw field.
+    pub(crate) fn get(&self) -> *mut std::ffi::c_void {
+        self.0
+    }
+}

@@ -7,7 +7,9 @@
 
 mod boundary;
 pub mod error;
+pub mod job;
 pub mod options;
+pub mod pipeline;
 pub mod runtime;
 
 use std::ffi::c_char;

@@ -4,6 +4,8 @@
 use std::ffi::{c_char, c_void};
 use std::sync::Arc;
 
+use super::boundary::UserData;
+
 use super::boundary::{
     arg_mut, arg_str, call, call_or, free_handle, into_handle, out_slot, spo_error,
 };
@@ -33,19 +35,6 @@ pub struct spo_options {
     pub(crate) log: Option<LogSink>,
 }
 
-/// The host's `void*`, which the host promises may be used from any thread.
-struct UserData(*mut c_void);
-// SAFETY: documented in the header: user_data must be usable from any thread.
-unsafe impl Send for UserData {}
-unsafe impl Sync for UserData {}
-
-impl UserData {
-    // A method (not `.0`) so closures capture the Send wrapper, not the raw field.
-    fn get(&self) -> *mut c_void {
-        self.0
-    }
-}
-
 /// Wraps a C callback as a Rust log sink; `None` when `cb` is NULL.
 pub(crate) fn log_sink(
     cb: spo_log_callback,
@@ -59,7 +48,7 @@ pub(crate) fn log_sink(
         )
     })?;
     Ok(cb.map(|cb| {
-        let ud = UserData(user_data);
+        let ud = UserData::new(user_data);
         let f: Arc<LogFn> = Arc::new(move |lvl: LogLevel, msg: &str| {
             let c = std::ffi::CString::new(msg.replace('\0', " ")).unwrap_or_default();
             // SAFETY: the host registered `cb` for exactly this use.

@@ -41,19 +41,27 @@ pub struct ModelFolder {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::invalid_model(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| Error::invalid_model(format!("{}: invalid JSON: {e}", path.display())))
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::invalid_model(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::invalid_model(format!("{}: invalid JSON: {e}", path.display())))
 }
 
 impl ModelFolder {
     /// Reads `model_index.json` and the component configs under `dir`.
     pub fn open(dir: &Path) -> Result<ModelFolder> {
         if !dir.is_dir() {
-            return Err(Error::invalid_model(format!("model folder {} does not exist", dir.display())));
+            return Err(Error::invalid_model(format!(
+                "model folder {} does not exist",
+                dir.display()
+            )));
         }
         let index_path = dir.join("model_index.json");
         let index = read_json(&index_path)?;
-        let class = index.get("_class_name").and_then(Value::as_str).unwrap_or("");
+        let class = index
+            .get("_class_name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let has = |k: &str| index.get(k).is_some_and(|v| !v.is_null());
         let kind = if class.contains("XL") || has("text_encoder_2") {
             ModelKind::Sdxl
@@ -75,7 +83,12 @@ impl ModelFolder {
             .find(|p| p.is_file())
             .map(|p| read_json(&p))
             .transpose()?;
-        let get = |k: &str| vae_cfg.as_ref().and_then(|c| c.get(k)).and_then(Value::as_f64);
+        let get = |k: &str| {
+            vae_cfg
+                .as_ref()
+                .and_then(|c| c.get(k))
+                .and_then(Value::as_f64)
+        };
         let default_scale = match kind {
             ModelKind::Sdxl => 0.13025,
             ModelKind::Sd15 => 0.18215,

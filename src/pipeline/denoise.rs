@@ -28,7 +28,8 @@ pub fn repeat_batch(x: &ArrayD<f32>, n: usize) -> ArrayD<f32> {
 /// Stacks along the batch axis.
 pub fn cat_batch(parts: &[&ArrayD<f32>]) -> Result<ArrayD<f32>> {
     let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-    concatenate(Axis(0), &views).map_err(|e| Error::invalid_model(format!("cannot batch tensors: {e}")))
+    concatenate(Axis(0), &views)
+        .map_err(|e| Error::invalid_model(format!("cannot batch tensors: {e}")))
 }
 
 fn timestep_input(unet: &Graph, t: f64, batch: usize) -> Result<Input> {
@@ -40,7 +41,9 @@ fn timestep_input(unet: &Graph, t: f64, batch: usize) -> Result<Input> {
     let n: usize = shape.iter().product();
     Ok(match spec.dtype {
         // Integer-timestep graphs get the value diffusers' int64 schedules hold.
-        DType::I64 | DType::I32 => Input::I64(ArrayD::from_shape_vec(IxDyn(&shape), vec![t.round() as i64; n]).expect("sizes")),
+        DType::I64 | DType::I32 => Input::I64(
+            ArrayD::from_shape_vec(IxDyn(&shape), vec![t.round() as i64; n]).expect("sizes"),
+        ),
         _ => Input::F32(ArrayD::from_shape_vec(IxDyn(&shape), vec![t as f32; n]).expect("sizes")),
     })
 }
@@ -57,13 +60,19 @@ pub fn predict_noise(
     run_options: &RunOptions,
 ) -> Result<ArrayD<f32>> {
     let b = latents.shape()[0];
-    let sample = if cond.cfg { cat_batch(&[latents, latents])? } else { latents.clone() };
+    let sample = if cond.cfg {
+        cat_batch(&[latents, latents])?
+    } else {
+        latents.clone()
+    };
     let rows = sample.shape()[0];
     let fixed_batch = unet.require_input("sample")?.fixed_dim(0);
     let out = match fixed_batch {
         Some(fb) if fb != rows => {
             if rows % fb != 0 {
-                return Err(Error::invalid_model(format!("unet fixes batch {fb}, which does not divide {rows} rows")));
+                return Err(Error::invalid_model(format!(
+                    "unet fixes batch {fb}, which does not divide {rows} rows"
+                )));
             }
             let mut parts = Vec::new();
             for start in (0..rows).step_by(fb) {
@@ -125,7 +134,9 @@ fn unet_call(
     if let Some(ti) = time_ids {
         inputs.push(("time_ids", Input::F32(ti)));
     }
-    Ok(unet.run(inputs, &["out_sample"], Some(run_options))?.remove(0))
+    Ok(unet
+        .run(inputs, &["out_sample"], Some(run_options))?
+        .remove(0))
 }
 
 /// diffusers' `rescale_noise_cfg`: per image, scale the guided prediction to
@@ -147,7 +158,11 @@ fn rescale(guided: &mut ArrayD<f32>, text: &ArrayD<f32>, phi: f64) {
 }
 
 /// Decodes latents (already divided by the scaling factor) to [B, 3, H, W].
-pub fn vae_decode(vae: &mut Graph, latents: ArrayD<f32>, run_options: &RunOptions) -> Result<ArrayD<f32>> {
+pub fn vae_decode(
+    vae: &mut Graph,
+    latents: ArrayD<f32>,
+    run_options: &RunOptions,
+) -> Result<ArrayD<f32>> {
     let out = vae.require_output(&["sample"])?.name.clone();
     let fixed = vae.require_input("latent_sample")?.fixed_dim(0);
     let b = latents.shape()[0];
@@ -156,19 +171,46 @@ pub fn vae_decode(vae: &mut Graph, latents: ArrayD<f32>, run_options: &RunOption
         let mut parts = Vec::new();
         for i in 0..b {
             let row = latents.slice_axis(Axis(0), (i..i + 1).into()).to_owned();
-            parts.push(vae.run(vec![("latent_sample", Input::F32(row))], &[&out], Some(run_options))?.remove(0));
+            parts.push(
+                vae.run(
+                    vec![("latent_sample", Input::F32(row))],
+                    &[&out],
+                    Some(run_options),
+                )?
+                .remove(0),
+            );
         }
         return cat_batch(&parts.iter().collect::<Vec<_>>());
     }
-    Ok(vae.run(vec![("latent_sample", Input::F32(latents))], &[&out], Some(run_options))?.remove(0))
+    Ok(vae
+        .run(
+            vec![("latent_sample", Input::F32(latents))],
+            &[&out],
+            Some(run_options),
+        )?
+        .remove(0))
 }
 
 /// Encodes an image [1, 3, H, W] to the latent distribution's mean [1, C, h, w]
 /// (unscaled). Accepts optimum's `latent_parameters` (mean and log-variance)
 /// or a plain `latent_sample` output.
-pub fn vae_encode_mean(vae: &mut Graph, image: ArrayD<f32>, channels: usize, run_options: &RunOptions) -> Result<ArrayD<f32>> {
-    let out = vae.require_output(&["latent_parameters", "latent_sample"])?.name.clone();
-    let r = vae.run(vec![("sample", Input::F32(image))], &[&out], Some(run_options))?.remove(0);
+pub fn vae_encode_mean(
+    vae: &mut Graph,
+    image: ArrayD<f32>,
+    channels: usize,
+    run_options: &RunOptions,
+) -> Result<ArrayD<f32>> {
+    let out = vae
+        .require_output(&["latent_parameters", "latent_sample"])?
+        .name
+        .clone();
+    let r = vae
+        .run(
+            vec![("sample", Input::F32(image))],
+            &[&out],
+            Some(run_options),
+        )?
+        .remove(0);
     let c = r.shape().get(1).copied().unwrap_or(0);
     if c == 2 * channels {
         Ok(r.slice_axis(Axis(1), (0..channels).into()).to_owned())

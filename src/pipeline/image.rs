@@ -25,7 +25,9 @@ impl Image {
     pub fn from_decoded(x: &ArrayD<f32>) -> Result<Vec<Image>> {
         let s = x.shape();
         if s.len() != 4 || s[1] != 3 {
-            return Err(Error::invalid_model(format!("vae_decoder output has shape {s:?}, expected [B,3,H,W]")));
+            return Err(Error::invalid_model(format!(
+                "vae_decoder output has shape {s:?}, expected [B,3,H,W]"
+            )));
         }
         let (b, h, w) = (s[0], s[2], s[3]);
         let x = x.as_standard_layout();
@@ -40,7 +42,11 @@ impl Image {
                         rgb[i * 3 + c] = (unit * 255.0).round() as u8;
                     }
                 }
-                Image { width: w, height: h, rgb }
+                Image {
+                    width: w,
+                    height: h,
+                    rgb,
+                }
             })
             .collect())
     }
@@ -61,11 +67,18 @@ impl Image {
     /// Reads an 8-bit PNG (RGB, RGBA, gray or gray+alpha; alpha is dropped).
     pub fn read_png(path: &Path) -> Result<Image> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let bad = |e: &dyn std::fmt::Display| Error::invalid_file(format!("{}: not a readable PNG: {e}", path.display()));
+        let bad = |e: &dyn std::fmt::Display| {
+            Error::invalid_file(format!("{}: not a readable PNG: {e}", path.display()))
+        };
         let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
         decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
         let mut reader = decoder.read_info().map_err(|e| bad(&e))?;
-        let mut buf = vec![0; reader.output_buffer_size().ok_or_else(|| bad(&"image too large"))?];
+        let mut buf = vec![
+            0;
+            reader
+                .output_buffer_size()
+                .ok_or_else(|| bad(&"image too large"))?
+        ];
         let info = reader.next_frame(&mut buf).map_err(|e| bad(&e))?;
         let (w, h) = (info.width as usize, info.height as usize);
         let px = &buf[..info.buffer_size()];
@@ -77,13 +90,21 @@ impl Image {
                 _ => rgb.extend_from_slice(&p[..3]),
             }
         }
-        Ok(Image { width: w, height: h, rgb })
+        Ok(Image {
+            width: w,
+            height: h,
+            rgb,
+        })
     }
 
     /// Writes the image as an RGB8 PNG.
     pub fn write_png(&self, path: &Path) -> Result<()> {
         let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), self.width as u32, self.height as u32);
+        let mut enc = png::Encoder::new(
+            std::io::BufWriter::new(file),
+            self.width as u32,
+            self.height as u32,
+        );
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         let err = |e: png::EncodingError| Error::io(path, std::io::Error::other(e));

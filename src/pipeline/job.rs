@@ -205,13 +205,22 @@ impl Job {
             ));
         }
         if spec.steps == 0 || spec.steps > 1000 {
-            return Err(Error::new(ErrorCode::InvalidOptionValue, format!("option 'steps': {} is not in 1..=1000", spec.steps)));
+            return Err(Error::new(
+                ErrorCode::InvalidOptionValue,
+                format!("option 'steps': {} is not in 1..=1000", spec.steps),
+            ));
         }
         if spec.num_images == 0 || spec.num_images > 64 {
-            return Err(Error::new(ErrorCode::InvalidOptionValue, format!("option 'num_images': {} is not in 1..=64", spec.num_images)));
+            return Err(Error::new(
+                ErrorCode::InvalidOptionValue,
+                format!("option 'num_images': {} is not in 1..=64", spec.num_images),
+            ));
         }
         if !(0.0..=1.0).contains(&spec.strength) {
-            return Err(Error::new(ErrorCode::InvalidOptionValue, format!("option 'strength': {} is not in [0, 1]", spec.strength)));
+            return Err(Error::new(
+                ErrorCode::InvalidOptionValue,
+                format!("option 'strength': {} is not in [0, 1]", spec.strength),
+            ));
         }
         if spec.init_image.is_some() && inner.models.lock().vae_encoder.is_none() {
             return Err(Error::invalid_model(format!(
@@ -220,16 +229,28 @@ impl Job {
             )));
         }
         let mut scheduler = build_scheduler(&spec.scheduler, &inner.scheduler_config, spec.eta)
-            .map_err(|e| Error::new(ErrorCode::InvalidOptionValue, format!("option 'scheduler': {}", e.message)))?;
+            .map_err(|e| {
+                Error::new(
+                    ErrorCode::InvalidOptionValue,
+                    format!("option 'scheduler': {}", e.message),
+                )
+            })?;
         scheduler.set_timesteps(spec.steps)?;
         let shape = [spec.num_images, inner.latent_channels, h / f, w / f];
         let n: usize = shape.iter().product();
         if let Some(l) = &spec.init_latents {
             if l.len() != n {
-                return Err(Error::invalid_argument(format!("init latents hold {} values; shape {shape:?} needs {n}", l.len())));
+                return Err(Error::invalid_argument(format!(
+                    "init latents hold {} values; shape {shape:?} needs {n}",
+                    l.len()
+                )));
             }
         }
-        let start = if spec.init_image.is_some() { scheduler.img2img_start(spec.strength)? } else { 0 };
+        let start = if spec.init_image.is_some() {
+            scheduler.img2img_start(spec.strength)?
+        } else {
+            0
+        };
         Ok(Job {
             rng: TorchRng::new(spec.seed),
             pipeline,
@@ -267,8 +288,9 @@ impl Job {
     /// The final latents (what diffusers returns with `output_type="latent"`),
     /// once the job is done.
     pub fn latents(&self) -> Option<ArrayD<f32>> {
-        matches!(self.state, State::Done)
-            .then(|| ArrayD::from_shape_vec(IxDyn(&self.shape), self.latents.clone()).expect("shape"))
+        matches!(self.state, State::Done).then(|| {
+            ArrayD::from_shape_vec(IxDyn(&self.shape), self.latents.clone()).expect("shape")
+        })
     }
 
     /// Advances one denoising step (the last one also decodes the images).
@@ -302,7 +324,9 @@ impl Job {
     /// Hands over the images of a finished job (once).
     pub fn take_images(&mut self) -> Result<Vec<Image>> {
         if !matches!(self.state, State::Done) {
-            return Err(Error::invalid_argument("the job has not finished; run it to the end first"));
+            return Err(Error::invalid_argument(
+                "the job has not finished; run it to the end first",
+            ));
         }
         self.images
             .take()
@@ -341,9 +365,18 @@ impl Job {
             &self.cancel.run_options,
         )
         .map_err(|e| self.cancelled_or(e))?;
-        let noise = if self.scheduler.needs_noise(i) { Some(self.step_noise(i)?) } else { None };
+        let noise = if self.scheduler.needs_noise(i) {
+            Some(self.step_noise(i)?)
+        } else {
+            None
+        };
         let pred = noise_pred.as_standard_layout();
-        self.latents = self.scheduler.step(pred.as_slice().expect("contiguous"), i, &self.latents, noise.as_deref())?;
+        self.latents = self.scheduler.step(
+            pred.as_slice().expect("contiguous"),
+            i,
+            &self.latents,
+            noise.as_deref(),
+        )?;
         self.index += 1;
         let total = self.total_steps();
         let done = self.index - self.start;
@@ -360,7 +393,9 @@ impl Job {
         let scaled = ArrayD::from_shape_vec(IxDyn(&self.shape), self.latents.clone())
             .expect("shape")
             .mapv(|v| (v as f64 / f.vae_scaling_factor + f.vae_shift_factor) as f32);
-        let decoded = denoise::vae_decode(&mut models.vae_decoder, scaled, &self.cancel.run_options).map_err(|e| self.cancelled_or(e))?;
+        let decoded =
+            denoise::vae_decode(&mut models.vae_decoder, scaled, &self.cancel.run_options)
+                .map_err(|e| self.cancelled_or(e))?;
         self.images = Some(Image::from_decoded(&decoded)?);
         Ok(Status::Done)
     }
@@ -378,9 +413,17 @@ impl Job {
         match &self.spec.step_noise {
             Some(list) => {
                 let k = i - self.start;
-                let v = list.get(k).ok_or_else(|| Error::invalid_argument(format!("step noise has {} entries; step {k} needs one", list.len())))?;
+                let v = list.get(k).ok_or_else(|| {
+                    Error::invalid_argument(format!(
+                        "step noise has {} entries; step {k} needs one",
+                        list.len()
+                    ))
+                })?;
                 if v.len() != n {
-                    return Err(Error::invalid_argument(format!("step noise {k} holds {} values, latents {n}", v.len())));
+                    return Err(Error::invalid_argument(format!(
+                        "step noise {k} holds {} values, latents {n}",
+                        v.len()
+                    )));
                 }
                 Ok(v.clone())
             }
@@ -399,8 +442,12 @@ impl Job {
             None
         } else {
             Some(match (&spec.negative_prompt, inner.folder.kind) {
-                (None, ModelKind::Sdxl) if inner.folder.force_zeros_for_empty_prompt => pos.zeros_like(),
-                (neg, _) => models.text.encode(neg.as_deref().unwrap_or(""), spec.clip_skip)?,
+                (None, ModelKind::Sdxl) if inner.folder.force_zeros_for_empty_prompt => {
+                    pos.zeros_like()
+                }
+                (neg, _) => models
+                    .text
+                    .encode(neg.as_deref().unwrap_or(""), spec.clip_skip)?,
             })
         };
         let batch = |f: &dyn Fn(&PromptEmbeds) -> ArrayD<f32>| -> Result<ArrayD<f32>> {
@@ -413,7 +460,10 @@ impl Job {
         let ehs = batch(&|e| e.embeds.clone())?;
         let (text_embeds, time_ids) = if inner.folder.kind == ModelKind::Sdxl {
             let te = batch(&|e| e.pooled.clone().expect("SDXL pooled"))?;
-            let (h, w) = (self.shape[2] * inner.vae_factor, self.shape[3] * inner.vae_factor);
+            let (h, w) = (
+                self.shape[2] * inner.vae_factor,
+                self.shape[3] * inner.vae_factor,
+            );
             let o = spec.original_size.unwrap_or((h, w));
             let tg = spec.target_size.unwrap_or((h, w));
             let c = spec.crops_coords_top_left;
@@ -442,7 +492,10 @@ impl Job {
             }
             Some(path) => {
                 let img = Image::read_png(path)?;
-                let (h, w) = (self.shape[2] * inner.vae_factor, self.shape[3] * inner.vae_factor);
+                let (h, w) = (
+                    self.shape[2] * inner.vae_factor,
+                    self.shape[3] * inner.vae_factor,
+                );
                 if (img.height, img.width) != (h, w) {
                     return Err(Error::invalid_argument(format!(
                         "init image {} is {}x{}; the job is {w}x{h}",
@@ -452,11 +505,21 @@ impl Job {
                     )));
                 }
                 let vae = models.vae_encoder.as_mut().expect("checked at creation");
-                let mean = denoise::vae_encode_mean(vae, img.to_tensor(), self.shape[1], &self.cancel.run_options)?;
+                let mean = denoise::vae_encode_mean(
+                    vae,
+                    img.to_tensor(),
+                    self.shape[1],
+                    &self.cancel.run_options,
+                )?;
                 let f = &inner.folder;
-                let init = repeat_batch(&mean, b).mapv(|v| ((v as f64 - f.vae_shift_factor) * f.vae_scaling_factor) as f32);
+                let init = repeat_batch(&mean, b)
+                    .mapv(|v| ((v as f64 - f.vae_shift_factor) * f.vae_scaling_factor) as f32);
                 let init = init.as_standard_layout();
-                self.scheduler.add_noise(init.as_slice().expect("contiguous"), &noise, self.start)?
+                self.scheduler.add_noise(
+                    init.as_slice().expect("contiguous"),
+                    &noise,
+                    self.start,
+                )?
             }
         };
         Ok(())

@@ -58,7 +58,10 @@ fn read_config(path: &std::path::Path) -> Option<serde_json::Value> {
 fn tokenizer(folder: &ModelFolder, name: &str) -> Result<ClipTokenizer> {
     let dir = folder.dir.join(name);
     if !dir.is_dir() {
-        return Err(Error::invalid_model(format!("{}: missing tokenizer folder", dir.display())));
+        return Err(Error::invalid_model(format!(
+            "{}: missing tokenizer folder",
+            dir.display()
+        )));
     }
     ClipTokenizer::from_dir(&dir).map_err(|e| e.context(format!("{name}")))
 }
@@ -72,7 +75,10 @@ impl Pipeline {
         let load = |c: &str| Graph::load(runtime, c, &folder.graph(c));
         let te1 = TextEncoder::new(tokenizer(&folder, "tokenizer")?, load("text_encoder")?)?;
         let te2 = match folder.kind {
-            ModelKind::Sdxl => Some(TextEncoder::new(tokenizer(&folder, "tokenizer_2")?, load("text_encoder_2")?)?),
+            ModelKind::Sdxl => Some(TextEncoder::new(
+                tokenizer(&folder, "tokenizer_2")?,
+                load("text_encoder_2")?,
+            )?),
             ModelKind::Sd15 => None,
         };
         let unet = load("unet")?;
@@ -86,14 +92,23 @@ impl Pipeline {
         unet.require_output(&["out_sample"])?;
         let vae_decoder = load("vae_decoder")?;
         vae_decoder.require_input("latent_sample")?;
-        let vae_encoder = if folder.has("vae_encoder") { Some(load("vae_encoder")?) } else { None };
+        let vae_encoder = if folder.has("vae_encoder") {
+            Some(load("vae_encoder")?)
+        } else {
+            None
+        };
         let sched_path = folder.scheduler_config();
-        let scheduler_config = SchedulerConfig::from_file(&sched_path).map_err(|e| e.context(sched_path.display()))?;
+        let scheduler_config =
+            SchedulerConfig::from_file(&sched_path).map_err(|e| e.context(sched_path.display()))?;
 
         let vae_cfg = read_config(&folder.dir.join("vae_decoder/config.json"));
         let vae_factor = vae_cfg
             .as_ref()
-            .and_then(|c| c.get("block_out_channels")?.as_array().map(|a| 1usize << a.len().saturating_sub(1)))
+            .and_then(|c| {
+                c.get("block_out_channels")?
+                    .as_array()
+                    .map(|a| 1usize << a.len().saturating_sub(1))
+            })
             .unwrap_or(8);
         let sample = unet.require_input("sample")?.clone();
         let latent_channels = sample.fixed_dim(1).unwrap_or(4);
@@ -113,13 +128,23 @@ impl Pipeline {
             }
         };
 
-        let ep = runtime.eps().active.first().map(|e| e.name()).unwrap_or("cpu");
+        let ep = runtime
+            .eps()
+            .active
+            .first()
+            .map(|e| e.name())
+            .unwrap_or("cpu");
         let mut info = BTreeMap::new();
         info.insert("kind".into(), folder.kind.name().into());
         info.insert("dir".into(), folder.dir.display().to_string());
         let mut describe = |g: &Graph| {
             info.insert(format!("ep.{}", g.component), ep.to_owned());
-            let io: Vec<String> = g.inputs.iter().chain(&g.outputs).map(|s| s.describe()).collect();
+            let io: Vec<String> = g
+                .inputs
+                .iter()
+                .chain(&g.outputs)
+                .map(|s| s.describe())
+                .collect();
             info.insert(format!("io.{}", g.component), io.join("; "));
         };
         describe(&te1.graph);
@@ -132,8 +157,15 @@ impl Pipeline {
             describe(v);
         }
         info.insert("lora.mode".into(), "none".into());
-        info.insert("default_size".into(), format!("{}x{}", default_size.1, default_size.0));
-        log.info(&format!("loaded {} pipeline from {}", folder.kind.name(), folder.dir.display()));
+        info.insert(
+            "default_size".into(),
+            format!("{}x{}", default_size.1, default_size.0),
+        );
+        log.info(&format!(
+            "loaded {} pipeline from {}",
+            folder.kind.name(),
+            folder.dir.display()
+        ));
 
         Ok(Pipeline {
             inner: Arc::new(Inner {
@@ -157,6 +189,11 @@ impl Pipeline {
                 info,
             }),
         })
+    }
+
+    /// The runtime the sessions were built on.
+    pub fn runtime(&self) -> &Runtime {
+        &self.inner.runtime
     }
 
     pub fn kind(&self) -> ModelKind {

@@ -54,7 +54,11 @@ pub struct IoSpec {
 impl IoSpec {
     /// The fixed size of dimension `i`, if the graph fixes it.
     pub fn fixed_dim(&self, i: usize) -> Option<usize> {
-        self.shape.get(i).copied().filter(|d| *d > 0).map(|d| d as usize)
+        self.shape
+            .get(i)
+            .copied()
+            .filter(|d| *d > 0)
+            .map(|d| d as usize)
     }
     pub fn describe(&self) -> String {
         let dims: Vec<String> = self
@@ -101,7 +105,10 @@ fn io_spec(name: &str, ty: &ValueType, path: &Path) -> Result<IoSpec> {
         }
     };
     let dtype = DType::from_ort(t).ok_or_else(|| {
-        Error::invalid_model(format!("{}: '{name}' has unsupported element type {t:?}", path.display()))
+        Error::invalid_model(format!(
+            "{}: '{name}' has unsupported element type {t:?}",
+            path.display()
+        ))
     })?;
     Ok(IoSpec {
         name: name.to_owned(),
@@ -120,10 +127,12 @@ impl Graph {
                 path.display()
             )));
         }
-        let session = rt
-            .session_builder()?
-            .commit_from_file(path)
-            .map_err(|e| Error::new(ErrorCode::InvalidModel, format!("{component}: cannot load {}: {e}", path.display())))?;
+        let session = rt.session_builder()?.commit_from_file(path).map_err(|e| {
+            Error::new(
+                ErrorCode::InvalidModel,
+                format!("{component}: cannot load {}: {e}", path.display()),
+            )
+        })?;
         let inputs = session
             .inputs()
             .iter()
@@ -153,7 +162,8 @@ impl Graph {
 
     /// The input called `name`, or an error naming the graph and what it has.
     pub fn require_input(&self, name: &str) -> Result<&IoSpec> {
-        self.input(name).ok_or_else(|| self.missing("input", name, &self.inputs))
+        self.input(name)
+            .ok_or_else(|| self.missing("input", name, &self.inputs))
     }
 
     /// The first output among `names` that the graph has.
@@ -176,22 +186,35 @@ impl Graph {
 
     /// Runs the graph. Inputs are converted to the graph's dtypes and checked
     /// against its fixed dimensions; the named outputs come back as f32.
-    pub fn run(&mut self, inputs: Vec<(&str, Input)>, outputs: &[&str], options: Option<&RunOptions>) -> Result<Vec<ArrayD<f32>>> {
-        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
+    pub fn run(
+        &mut self,
+        inputs: Vec<(&str, Input)>,
+        outputs: &[&str],
+        options: Option<&RunOptions>,
+    ) -> Result<Vec<ArrayD<f32>>> {
+        let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            Vec::with_capacity(inputs.len());
         for (name, input) in inputs {
             let spec = self.require_input(name)?.clone();
             self.check_shape(&spec, input.shape())?;
             let value: DynValue = match (input, spec.dtype) {
                 (Input::F32(a), DType::F32) => Tensor::from_array(a)?.into_dyn(),
-                (Input::F32(a), DType::F16) => Tensor::from_array(a.mapv(f16::from_f32))?.into_dyn(),
+                (Input::F32(a), DType::F16) => {
+                    Tensor::from_array(a.mapv(f16::from_f32))?.into_dyn()
+                }
                 (Input::F32(a), DType::I64) => Tensor::from_array(a.mapv(|v| v as i64))?.into_dyn(),
                 (Input::F32(a), DType::I32) => Tensor::from_array(a.mapv(|v| v as i32))?.into_dyn(),
                 (Input::I64(a), DType::I64) => Tensor::from_array(a)?.into_dyn(),
                 (Input::I64(a), DType::I32) => Tensor::from_array(a.mapv(|v| v as i32))?.into_dyn(),
                 (Input::I64(a), DType::F32) => Tensor::from_array(a.mapv(|v| v as f32))?.into_dyn(),
-                (Input::I64(a), DType::F16) => Tensor::from_array(a.mapv(|v| f16::from_f32(v as f32)))?.into_dyn(),
+                (Input::I64(a), DType::F16) => {
+                    Tensor::from_array(a.mapv(|v| f16::from_f32(v as f32)))?.into_dyn()
+                }
             };
-            values.push((Cow::Owned(spec.name.clone()), SessionInputValue::from(value)));
+            values.push((
+                Cow::Owned(spec.name.clone()),
+                SessionInputValue::from(value),
+            ));
         }
         let component = self.component.clone();
         let result = match options {
@@ -209,7 +232,9 @@ impl Graph {
         outputs
             .iter()
             .map(|name| {
-                let v = out.get(*name).ok_or_else(|| Error::invalid_model(format!("{component}: no output '{name}'")))?;
+                let v = out.get(*name).ok_or_else(|| {
+                    Error::invalid_model(format!("{component}: no output '{name}'"))
+                })?;
                 to_f32(v).map_err(|e| e.context(format!("{component} output '{name}'")))
             })
             .collect()
@@ -217,7 +242,11 @@ impl Graph {
 
     fn check_shape(&self, spec: &IoSpec, shape: &[usize]) -> Result<()> {
         let ok = spec.shape.len() == shape.len()
-            && spec.shape.iter().zip(shape).all(|(d, s)| *d < 0 || *d as usize == *s);
+            && spec
+                .shape
+                .iter()
+                .zip(shape)
+                .all(|(d, s)| *d < 0 || *d as usize == *s);
         if ok {
             Ok(())
         } else {
@@ -238,7 +267,9 @@ fn to_f32(v: &DynValue) -> Result<ArrayD<f32>> {
     if let Ok(a) = v.try_extract_array::<f16>() {
         return Ok(a.mapv(f16::to_f32));
     }
-    Err(Error::invalid_model("output is neither float32 nor float16"))
+    Err(Error::invalid_model(
+        "output is neither float32 nor float16",
+    ))
 }
 
 /// Shorthand for building inputs.

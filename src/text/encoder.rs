@@ -74,7 +74,10 @@ impl TextEncoder {
             )));
         }
         let idx = self.layers.checked_sub(1 + clip_skip).ok_or_else(|| {
-            Error::invalid_argument(format!("clip_skip {clip_skip} exceeds the {} layers of {}", self.layers, self.graph.component))
+            Error::invalid_argument(format!(
+                "clip_skip {clip_skip} exceeds the {} layers of {}",
+                self.layers, self.graph.component
+            ))
         })?;
         Ok(format!("hidden_states.{idx}"))
     }
@@ -115,7 +118,11 @@ impl TextEncoders {
                 let pooled = out2.remove(1);
                 let h2 = out2.remove(0);
                 let embeds = concatenate(Axis(2), &[h1.view(), h2.view()]).map_err(|e| {
-                    Error::invalid_model(format!("text encoder hidden states {:?} and {:?} do not concatenate: {e}", h1.shape(), h2.shape()))
+                    Error::invalid_model(format!(
+                        "text encoder hidden states {:?} and {:?} do not concatenate: {e}",
+                        h1.shape(),
+                        h2.shape()
+                    ))
                 })?;
                 Ok(PromptEmbeds {
                     embeds,

@@ -1,0 +1,237 @@
+//! `spo`: the command-line front end, written on the Rust API.
+//!
+//!   spo generate --model DIR --prompt "..." [--out out.png] ...
+//!   spo info --model DIR
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use ndarray::ArrayD;
+use spo_runtime::pipeline::{JobSpec, Pipeline};
+use spo_runtime::runtime::{LogLevel, Logger};
+use spo_runtime::{Error, Options, Result, Runtime};
+
+#[derive(Parser)]
+#[command(
+    name = "spo",
+    version,
+    about = "SDXL / SD 1.5 on ONNX Runtime, with runtime LoRA and SPO"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct RuntimeArgs {
+    /// Execution providers in order of preference.
+    #[arg(long, default_value = "cuda,cpu")]
+    ep: String,
+    /// Fail instead of falling back when a provider is unavailable.
+    #[arg(long)]
+    ep_strict: bool,
+    /// Print informational log messages.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Text-to-image or image-to-image.
+    Generate(Generate),
+    /// Print a model folder's components, dtypes, shapes and providers.
+    Info {
+        #[arg(long)]
+        model: PathBuf,
+        #[command(flatten)]
+        rt: RuntimeArgs,
+    },
+}
+
+#[derive(Args)]
+struct Generate {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Negative prompt; without it SDXL uses zero embeddings (force_zeros_for_empty_prompt).
+    #[arg(long)]
+    negative: Option<String>,
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    #[arg(long, default_value_t = 5.0)]
+    guidance: f64,
+    #[arg(long, default_value_t = 0.0)]
+    guidance_rescale: f64,
+    /// euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, ddpm
+    #[arg(long, default_value = "euler")]
+    scheduler: String,
+    /// DDIM eta.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Noise generator: torch-cpu (the default) matches torch.Generator("cpu").manual_seed(seed).
+    #[arg(long, default_value = "torch-cpu")]
+    generator: String,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    #[arg(long, default_value_t = 0.6)]
+    strength: f64,
+    /// Initial latents (.npy): the tensor diffusers takes as `latents=`.
+    #[arg(long)]
+    init_latents: Option<PathBuf>,
+    /// Per-step noise (.npy, [steps, B, C, h, w]) for stochastic schedulers.
+    #[arg(long)]
+    noise: Option<PathBuf>,
+    /// Write the final latents (diffusers' output_type="latent") as .npy.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
+    #[arg(long, default_value = "out.png")]
+    out: PathBuf,
+    #[command(flatten)]
+    rt: RuntimeArgs,
+}
+
+fn runtime(args: &RuntimeArgs) -> Result<Runtime> {
+    let logger = Logger::default();
+    let level = if args.verbose {
+        LogLevel::Info
+    } else {
+        LogLevel::Warn
+    };
+    logger.set(
+        level,
+        Some(Arc::new(|l: LogLevel, m: &str| eprintln!("[{l:?}] {m}"))),
+    );
+    let mut o = Options::new();
+    o.set("ep", &args.ep)?;
+    o.set("ep.strict", if args.ep_strict { "true" } else { "false" })?;
+    Runtime::new(&o, logger)
+}
+
+fn read_npy(path: &Path) -> Result<ArrayD<f32>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    <ArrayD<f32> as ndarray_npy::ReadNpyExt>::read_npy(f)
+        .map_err(|e| Error::invalid_file(format!("{}: not a float32 .npy: {e}", path.display())))
+}
+
+fn generate(g: Generate) -> Result<()> {
+    let rt = runtime(&g.rt)?;
+    let pipeline = Pipeline::load(&rt, &g.model, &Options::new())?;
+    let mut spec = JobSpec {
+        prompt: g.prompt,
+        negative_prompt: g.negative,
+        width: g.width,
+        height: g.height,
+        steps: g.steps,
+        guidance: g.guidance,
+        guidance_rescale: g.guidance_rescale,
+        scheduler: g.scheduler,
+        eta: g.eta,
+        seed: g.seed,
+        num_images: g.num_images,
+        init_image: g.init_image,
+        strength: g.strength,
+        ..JobSpec::default()
+    };
+    if g.generator != "torch-cpu" {
+        return Err(Error::invalid_argument(format!(
+            "--generator '{}': only torch-cpu is available",
+            g.generator
+        )));
+    }
+    if let Some(p) = &g.init_latents {
+        spec.init_latents = Some(read_npy(p)?.iter().copied().collect());
+    }
+    if let Some(p) = &g.noise {
+        let a = read_npy(p)?;
+        spec.step_noise = Some(
+            a.outer_iter()
+                .map(|s| s.iter().copied().collect())
+                .collect(),
+        );
+    }
+    let mut job = pipeline.job(spec)?;
+    let total = job.total_steps() as u64;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed_precise}")
+                .expect("template"),
+        );
+        b
+    });
+    let b2 = bar.clone();
+    job.set_progress(Some(Box::new(move |done, _| {
+        if let Some(b) = &b2 {
+            b.set_position(done as u64);
+        }
+        true
+    })));
+    let t0 = std::time::Instant::now();
+    job.run()?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if let Some(p) = &g.save_latents {
+        let l = job.latents().expect("done");
+        let f = std::fs::File::create(p).map_err(|e| Error::io(p, e))?;
+        ndarray_npy::WriteNpyExt::write_npy(&l, f)
+            .map_err(|e| Error::io(p, std::io::Error::other(e)))?;
+    }
+    let images = job.take_images()?;
+    for (i, img) in images.iter().enumerate() {
+        let path = if i == 0 {
+            g.out.clone()
+        } else {
+            let stem = g.out.file_stem().unwrap_or_default().to_string_lossy();
+            g.out.with_file_name(format!("{stem}_{i}.png"))
+        };
+        img.write_png(&path)?;
+        println!(
+            "wrote {} ({}x{}) in {:.2}s",
+            path.display(),
+            img.width,
+            img.height,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn info(model: &Path, args: &RuntimeArgs) -> Result<()> {
+    let rt = runtime(args)?;
+    let p = Pipeline::load(&rt, model, &Options::new())?;
+    for key in ["ort.version", "ort.library_path", "ep.active"] {
+        println!("{key:<20} {}", rt.info(key).unwrap_or_default());
+    }
+    for key in p.info_keys() {
+        println!("{key:<20} {}", p.info(&key).unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Generate(g) => generate(g),
+        Command::Info { model, rt } => info(&model, &rt),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

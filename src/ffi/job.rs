@@ -1,0 +1,247 @@
+//! `spo_job` and `spo_images`: step-wise generation, cancellation and results.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::boundary::{
+    arg_ref, call, call_or, free_handle, into_handle, out_slot, spo_error, UserData,
+};
+use super::options::spo_options;
+use super::pipeline::spo_pipeline;
+use crate::error::{Error, ErrorCode, Result};
+use crate::options::Options;
+use crate::pipeline::job::CancelToken;
+use crate::pipeline::{Image, Job, JobSpec, Status};
+
+/// A generation job. `spo_job_cancel` may be called from any thread; the other
+/// calls on one job must not overlap (an overlapping call gets SPO_ERR_BUSY).
+pub struct spo_job {
+    job: Mutex<Job>,
+    cancel: Arc<CancelToken>,
+}
+
+/// Progress callback: called after each denoising step with the steps done
+/// and the total. Return nonzero to cancel the job.
+pub type spo_progress_callback =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, done: u32, total: u32) -> i32>;
+
+/// Where a job stands after `spo_job_step`.
+#[repr(C)]
+pub struct spo_job_status {
+    /// Denoising steps finished.
+    pub done: u32,
+    /// Denoising steps in this job (fewer than "steps" for img2img).
+    pub total: u32,
+    /// 1 when the images are ready, else 0.
+    pub finished: i32,
+}
+
+/// Finished images, owned by the caller; free with `spo_images_free`.
+pub struct spo_images {
+    images: Vec<Image>,
+}
+
+/// A borrowed view of one RGB8 image: `height` rows of `stride` bytes, 3 bytes
+/// per pixel. `data` belongs to the `spo_images` it came from.
+#[repr(C)]
+pub struct spo_image {
+    pub width: u32,
+    pub height: u32,
+    pub stride: u32,
+    pub data: *const u8,
+}
+
+fn lock(job: &spo_job) -> Result<parking_lot::MutexGuard<'_, Job>> {
+    job.job
+        .try_lock()
+        .ok_or_else(|| Error::new(ErrorCode::Busy, "another thread is using this job"))
+}
+
+/// Creates a job on a pipeline. Job keys: "prompt", "negative_prompt",
+/// "width", "height", "steps", "guidance", "guidance_rescale", "scheduler"
+/// (euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, ddpm), "eta", "seed",
+/// "generator" ("torch-cpu": same latents as torch.Generator("cpu").manual_seed),
+/// "num_images", "clip_skip", "init_image" (PNG path, img2img), "strength",
+/// "original_size" / "target_size" ("HxW"), "crops_coords_top_left" ("T,L").
+///
+/// A pipeline holds one active job: from creation until the job finishes,
+/// fails, is cancelled or is freed. Creating another meanwhile is SPO_ERR_BUSY.
+///
+/// Ownership: borrows the arguments; `*out` is freed with `spo_job_free` and
+/// written only on success. Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT,
+/// SPO_ERR_UNKNOWN_OPTION, SPO_ERR_INVALID_OPTION_VALUE (names the key), SPO_ERR_BUSY.
+#[no_mangle]
+pub extern "C" fn spo_job_create(
+    pipeline: *const spo_pipeline,
+    options: *const spo_options,
+    out: *mut *mut spo_job,
+) -> *mut spo_error {
+    call(|| {
+        let out = out_slot(out, "out")?;
+        let p = &arg_ref(pipeline, "pipeline")?.pipeline;
+        let empty = Options::new();
+        // SAFETY: NULL or a live options object, per the header.
+        let opts = unsafe { options.as_ref() }.map_or(&empty, |o| &o.options);
+        let job = p.job(JobSpec::from_options(opts)?)?;
+        let cancel = job.cancel_token();
+        *out = into_handle(spo_job {
+            job: Mutex::new(job),
+            cancel,
+        });
+        Ok(())
+    })
+}
+
+/// Sets (or with NULL removes) the progress callback. It runs on the thread
+/// that calls `spo_job_step`/`spo_job_run`; a nonzero return cancels the job.
+///
+/// Ownership: `user_data` stays the caller's and must outlive the job.
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY (the job is running).
+#[no_mangle]
+pub extern "C" fn spo_job_set_progress_callback(
+    job: *const spo_job,
+    callback: spo_progress_callback,
+    user_data: *mut c_void,
+) -> *mut spo_error {
+    call(|| {
+        let mut j = lock(arg_ref(job, "job")?)?;
+        let f = callback.map(|cb| {
+            let ud = UserData::new(user_data);
+            Box::new(move |done: usize, total: usize| {
+                // SAFETY: the host registered `cb` for exactly this use.
+                unsafe { cb(ud.get(), done as u32, total as u32) == 0 }
+            }) as Box<crate::pipeline::job::ProgressFn>
+        });
+        j.set_progress(f);
+        Ok(())
+    })
+}
+
+/// Advances one denoising step (the first step also encodes the prompt, the
+/// last also decodes the images), so a host can spread a job over frames.
+///
+/// `status` may be NULL; when given it is written on success.
+/// Threading: not concurrently with other calls on this job (SPO_ERR_BUSY).
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_CANCELLED, SPO_ERR_BUSY, SPO_ERR_ORT,
+/// SPO_ERR_INVALID_MODEL. After an error the job stays failed and the pipeline
+/// is free for a new job.
+#[no_mangle]
+pub extern "C" fn spo_job_step(job: *const spo_job, status: *mut spo_job_status) -> *mut spo_error {
+    call(|| {
+        let mut j = lock(arg_ref(job, "job")?)?;
+        let s = j.step()?;
+        // SAFETY: NULL or caller-owned storage.
+        if let Some(out) = unsafe { status.as_mut() } {
+            *out = match s {
+                Status::Running { done, total } => spo_job_status {
+                    done: done as u32,
+                    total: total as u32,
+                    finished: 0,
+                },
+                Status::Done => {
+                    let t = j.total_steps() as u32;
+                    spo_job_status {
+                        done: t,
+                        total: t,
+                        finished: 1,
+                    }
+                }
+            };
+        }
+        Ok(())
+    })
+}
+
+/// Runs the job to the end.
+///
+/// Threading: not concurrently with other calls on this job (SPO_ERR_BUSY);
+/// `spo_job_cancel` from another thread stops it with SPO_ERR_CANCELLED.
+/// Errors: as `spo_job_step`.
+#[no_mangle]
+pub extern "C" fn spo_job_run(job: *const spo_job) -> *mut spo_error {
+    call(|| lock(arg_ref(job, "job")?)?.run())
+}
+
+/// Requests cancellation. Safe from any thread, also while `spo_job_run` runs
+/// elsewhere: the running ONNX Runtime call is terminated and the job ends with
+/// SPO_ERR_CANCELLED. NULL is a no-op.
+#[no_mangle]
+pub extern "C" fn spo_job_cancel(job: *const spo_job) {
+    call_or((), || {
+        // SAFETY: NULL or a live job handle, per the header.
+        if let Some(j) = unsafe { job.as_ref() } {
+            j.cancel.cancel();
+        }
+    })
+}
+
+/// Takes the images of a finished job (once).
+///
+/// Ownership: `*out` is new, freed with `spo_images_free`; written only on
+/// success. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (not
+/// finished, or already taken), SPO_ERR_BUSY.
+#[no_mangle]
+pub extern "C" fn spo_job_take_images(
+    job: *const spo_job,
+    out: *mut *mut spo_images,
+) -> *mut spo_error {
+    call(|| {
+        let out = out_slot(out, "out")?;
+        let images = lock(arg_ref(job, "job")?)?.take_images()?;
+        *out = into_handle(spo_images { images });
+        Ok(())
+    })
+}
+
+/// Frees a job (cancelling it if unfinished) and frees its pipeline's job
+/// slot. NULL is a no-op. Threading: no other thread may use this handle.
+#[no_mangle]
+pub extern "C" fn spo_job_free(job: *mut spo_job) {
+    call_or((), || free_handle(job))
+}
+
+/// Number of images; 0 for NULL. Threading: any thread.
+#[no_mangle]
+pub extern "C" fn spo_images_count(images: *const spo_images) -> usize {
+    // SAFETY: NULL or a live handle.
+    call_or(0, || {
+        unsafe { images.as_ref() }.map_or(0, |i| i.images.len())
+    })
+}
+
+/// Fills `out` with a view of image `index`.
+///
+/// Ownership: the pixels belong to `images`, valid until `spo_images_free`.
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (index out of range).
+#[no_mangle]
+pub extern "C" fn spo_images_get(
+    images: *const spo_images,
+    index: usize,
+    out: *mut spo_image,
+) -> *mut spo_error {
+    call(|| {
+        let out = out_slot(out, "out")?;
+        let imgs = &arg_ref(images, "images")?.images;
+        let img = imgs.get(index).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "image index {index} is out of range (count {})",
+                imgs.len()
+            ))
+        })?;
+        *out = spo_image {
+            width: img.width as u32,
+            height: img.height as u32,
+            stride: img.stride() as u32,
+            data: img.rgb.as_ptr(),
+        };
+        Ok(())
+    })
+}
+
+/// Frees images. NULL is a no-op.
+#[no_mangle]
+pub extern "C" fn spo_images_free(images: *mut spo_images) {
+    call_or((), || free_handle(images))
+}
