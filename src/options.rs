@@ -107,7 +107,12 @@ impl Options {
     }
 
     /// Parses `key` with `parse`, naming the key and value on failure.
-    pub fn parse<T>(&self, key: &str, what: &str, parse: impl Fn(&str) -> Option<T>) -> Result<Option<T>> {
+    pub fn parse<T>(
+        &self,
+        key: &str,
+        what: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<Option<T>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => parse(v).map(Some).ok_or_else(|| {
@@ -192,7 +197,9 @@ fn flatten(
                 let parts = parts.ok_or_else(|| {
                     Error::new(
                         ErrorCode::InvalidOptionValue,
-                        format!("option '{key}': arrays may hold only strings, numbers and booleans"),
+                        format!(
+                            "option '{key}': arrays may hold only strings, numbers and booleans"
+                        ),
                     )
                 })?;
                 out.push((key, parts.join(",")));
