@@ -131,6 +131,10 @@ def sgm_name(path, cfg):
     raise ValueError(path)
 
 
+def te_root(path):
+    return path if path.startswith("text_model.") else "text_model." + path
+
+
 def flat(prefix, path):
     return prefix + path.replace(".", "_")
 
@@ -172,8 +176,10 @@ def structure(out_dir):
         "locon_unet": {"modules": [k for k in unet_mods if ".resnets." in k or "samplers" in k],
                        "sgm": [flat("lora_unet_", sgm_name(k, SDXL_UNET)) for k in unet_mods
                                if ".resnets." in k or "samplers" in k]},
-        "te1": {"modules": te_keys(te1), "kohya": [flat("lora_te1_", k) for k in te_keys(te1)]},
-        "te2": {"modules": te_keys(te2), "kohya": [flat("lora_te2_", k) for k in te_keys(te2)]},
+        # kohya names come from the `text_model.`-rooted CLIP module tree (transformers 4);
+        # newer transformers may drop that root from the module paths.
+        "te1": {"modules": te_keys(te1), "kohya": [flat("lora_te1_", te_root(k)) for k in te_keys(te1)]},
+        "te2": {"modules": te_keys(te2), "kohya": [flat("lora_te2_", te_root(k)) for k in te_keys(te2)]},
     }
     assert len(kohya) == 722 and len(attn) == 560, (len(kohya), len(attn))
     assert len(doc["te1"]["modules"]) == 72 and len(doc["te2"]["modules"]) == 192

@@ -467,7 +467,7 @@ fn to_f32(
         ),
         other => return Err(format!("unsupported dtype {other:?}")),
     };
-    if b.len() != n * size || data.len() != n {
+    if n.checked_mul(size) != Some(b.len()) || data.len() != n {
         return Err(format!("{} data bytes for {n} elements", b.len()));
     }
     Ok(Tensor { shape, data })

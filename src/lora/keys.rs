@@ -292,13 +292,18 @@ impl AliasTable {
                     } else {
                         ("text_encoder_2", &["lora_te2_"])
                     };
-                    self.add(p.to_string(), comp, p);
-                    self.add(format!("{prefix}.{p}"), comp, p);
-                    if let Some(short) = p.strip_prefix("text_model.") {
-                        self.add(format!("{prefix}.{short}"), comp, p);
-                    }
-                    for k in kohya {
-                        self.add(format!("{k}{}", flatten(p)), comp, p);
+                    // CLIP paths with and without the `text_model.` root (transformers
+                    // versions differ; kohya names always carry it).
+                    let other = match p.strip_prefix("text_model.") {
+                        Some(short) => short.to_string(),
+                        None => format!("text_model.{p}"),
+                    };
+                    for v in [p, other.as_str()] {
+                        self.add(v.to_string(), comp, p);
+                        self.add(format!("{prefix}.{v}"), comp, p);
+                        for k in kohya {
+                            self.add(format!("{k}{}", flatten(v)), comp, p);
+                        }
                     }
                 }
             }
