@@ -7,6 +7,8 @@
 
 pub mod error;
 pub mod ffi;
+pub mod lora;
+pub mod model;
 pub mod options;
 pub mod runtime;
 pub mod scheduler;

@@ -1,5 +1,9 @@
-//! Model folders and ONNX graphs on disk.
+//! Model folders and ONNX graphs on disk: folder layout and configs, and graph
+//! reading (initializers, external data, node scopes).
 
 pub mod folder;
+pub mod graph;
+pub mod onnx_proto;
 
 pub use folder::{ModelFolder, ModelKind};
+pub use graph::{OnnxGraph, WeightLayout, WeightTarget};
