@@ -14,7 +14,7 @@ VALGRIND := valgrind --quiet --error-exitcode=1 --leak-check=full \
 	--errors-for-leak-kinds=definite,indirect --suppressions=$(CURDIR)/tests/c/valgrind.supp
 C_TESTS := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/*.c))
 
-.PHONY: all demo test setup apt ort build lint rust-test c-test py-test symbols header clean
+.PHONY: all demo test setup apt ort build lint rust-test c-test py-test symbols header clean broken-models
 
 all: build
 
@@ -62,7 +62,16 @@ tests/c/build/%: tests/c/%.c tests/c/check.h include/spo_runtime.h build
 	@mkdir -p tests/c/build
 	$(CC) $(CFLAGS) $< -o $@ $(CLIBS)
 
-c-test: $(C_TESTS)
+# Broken model folders for tests/c/pipeline.c: a truncated UNet graph, a missing tokenizer.
+broken-models:
+	@rm -rf tests/c/build/broken-truncated tests/c/build/broken-notokenizer
+	@mkdir -p tests/c/build
+	@cp -r tests/fixtures/tiny-sd15 tests/c/build/broken-truncated
+	@truncate -s 2000 tests/c/build/broken-truncated/unet/model.onnx
+	@cp -r tests/fixtures/tiny-sd15 tests/c/build/broken-notokenizer
+	@rm -rf tests/c/build/broken-notokenizer/tokenizer
+
+c-test: $(C_TESTS) broken-models
 	@for t in $(C_TESTS); do echo "== valgrind $$t"; $(VALGRIND) $$t || exit 1; done
 
 py-test:

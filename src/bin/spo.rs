@@ -41,7 +41,7 @@ struct RuntimeArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Text-to-image or image-to-image.
-    Generate(Generate),
+    Generate(Box<Generate>),
     /// Print a model folder's components, dtypes, shapes and providers.
     Info {
         #[arg(long)]
@@ -224,7 +224,7 @@ fn info(model: &Path, args: &RuntimeArgs) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
-        Command::Generate(g) => generate(g),
+        Command::Generate(g) => generate(*g),
         Command::Info { model, rt } => info(&model, &rt),
     };
     match r {

@@ -63,7 +63,7 @@ fn tokenizer(folder: &ModelFolder, name: &str) -> Result<ClipTokenizer> {
             dir.display()
         )));
     }
-    ClipTokenizer::from_dir(&dir).map_err(|e| e.context(format!("{name}")))
+    ClipTokenizer::from_dir(&dir).map_err(|e| e.context(name))
 }
 
 impl Pipeline {

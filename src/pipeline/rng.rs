@@ -98,7 +98,7 @@ impl TorchRng {
         for block in 0..n / 16 {
             box_muller_16(&mut data[block * 16..block * 16 + 16]);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = n - 16;
             for v in &mut data[tail..] {
                 *v = self.uniform_f32();

@@ -1,0 +1,233 @@
+/* C ABI tests for pipelines, jobs and images on the tiny SD 1.5 fixture, run
+   under valgrind by `make test`. Broken model folders are prepared by the
+   Makefile in tests/c/build/ (a truncated unet/model.onnx, a missing tokenizer). */
+#include <pthread.h>
+#include <stdint.h>
+#include <time.h>
+#include "check.h"
+
+#define MODEL "tests/fixtures/tiny-sd15"
+
+static spo_runtime *g_rt;
+static spo_pipeline *g_pipe;
+
+static spo_options *job_options(const char *steps) {
+  spo_options *o = NULL;
+  expect_ok(spo_options_create(&o), "options_create");
+  expect_ok(spo_options_set(o, "prompt", "a lighthouse at dusk"), "set prompt");
+  expect_ok(spo_options_set(o, "steps", steps), "set steps");
+  expect_ok(spo_options_set(o, "width", "64"), "set width");
+  expect_ok(spo_options_set(o, "height", "64"), "set height");
+  return o;
+}
+
+static int run_to_images(spo_job *job, const char *what) {
+  spo_images *images = NULL;
+  if (!expect_ok(spo_job_run(job), what)) return 0;
+  if (!expect_ok(spo_job_take_images(job, &images), "take_images")) return 0;
+  CHECK(spo_images_count(images) == 1);
+  spo_image img = {0, 0, 0, NULL};
+  if (expect_ok(spo_images_get(images, 0, &img), "images_get")) {
+    CHECK(img.width == 64 && img.height == 64 && img.stride == 192 && img.data != NULL);
+    long sum = 0;
+    for (uint32_t i = 0; i < img.height * img.stride; i++) sum += img.data[i];
+    CHECK(sum > 0); /* a real image, not an untouched buffer */
+  }
+  spo_image untouched = {7, 7, 7, NULL};
+  expect_error(spo_images_get(images, 1, &untouched), SPO_ERR_INVALID_ARGUMENT, "out of range", "image index");
+  CHECK(untouched.width == 7);
+  /* Taking twice is an error. */
+  spo_images *again = NULL;
+  expect_error(spo_job_take_images(job, &again), SPO_ERR_INVALID_ARGUMENT, "already taken", "take twice");
+  spo_images_free(images);
+  return 1;
+}
+
+static void test_load_errors(void) {
+  spo_pipeline *p = (spo_pipeline *)0x1;
+  expect_error(spo_pipeline_load(g_rt, "/no/such/model", NULL, &p), SPO_ERR_INVALID_MODEL, "/no/such/model", "missing dir");
+  expect_error(spo_pipeline_load(g_rt, "tests/c/build/broken-truncated", NULL, &p), SPO_ERR_INVALID_MODEL, "unet/model.onnx", "truncated unet");
+  expect_error(spo_pipeline_load(g_rt, "tests/c/build/broken-notokenizer", NULL, &p), SPO_ERR_INVALID_MODEL, "tokenizer", "missing tokenizer");
+  expect_error(spo_pipeline_load(g_rt, "tests/fixtures/tiny-sd15\xff", NULL, &p), SPO_ERR_INVALID_UTF8, "'dir'", "bad utf8 dir");
+  CHECK(p == (spo_pipeline *)0x1);
+}
+
+static void test_nulls(void) {
+  spo_pipeline *p = NULL;
+  spo_job *j = NULL;
+  spo_images *im = NULL;
+  char *s = NULL;
+  spo_image view;
+  expect_error(spo_pipeline_load(NULL, MODEL, NULL, &p), SPO_ERR_NULL_ARGUMENT, "'runtime'", "load(NULL rt)");
+  expect_error(spo_pipeline_load(g_rt, NULL, NULL, &p), SPO_ERR_NULL_ARGUMENT, "'dir'", "load(NULL dir)");
+  expect_error(spo_pipeline_load(g_rt, MODEL, NULL, NULL), SPO_ERR_NULL_ARGUMENT, "'out'", "load(NULL out)");
+  expect_error(spo_pipeline_info(NULL, "kind", &s), SPO_ERR_NULL_ARGUMENT, "'pipeline'", "info(NULL)");
+  expect_error(spo_pipeline_info(g_pipe, NULL, &s), SPO_ERR_NULL_ARGUMENT, "'key'", "info(NULL key)");
+  expect_error(spo_pipeline_info(g_pipe, "kind", NULL), SPO_ERR_NULL_ARGUMENT, "'out'", "info(NULL out)");
+  expect_error(spo_job_create(NULL, NULL, &j), SPO_ERR_NULL_ARGUMENT, "'pipeline'", "job_create(NULL)");
+  expect_error(spo_job_create(g_pipe, NULL, NULL), SPO_ERR_NULL_ARGUMENT, "'out'", "job_create(NULL out)");
+  expect_error(spo_job_step(NULL, NULL), SPO_ERR_NULL_ARGUMENT, "'job'", "step(NULL)");
+  expect_error(spo_job_run(NULL), SPO_ERR_NULL_ARGUMENT, "'job'", "run(NULL)");
+  expect_error(spo_job_set_progress_callback(NULL, NULL, NULL), SPO_ERR_NULL_ARGUMENT, "'job'", "progress(NULL)");
+  expect_error(spo_job_take_images(NULL, &im), SPO_ERR_NULL_ARGUMENT, "'job'", "take(NULL)");
+  expect_error(spo_images_get(NULL, 0, &view), SPO_ERR_NULL_ARGUMENT, "'images'", "images_get(NULL)");
+  CHECK(spo_images_count(NULL) == 0);
+  spo_job_cancel(NULL);
+  spo_job_free(NULL);
+  spo_images_free(NULL);
+  spo_pipeline_free(NULL);
+  CHECK(p == NULL && j == NULL && im == NULL && s == NULL);
+}
+
+static void test_info_and_options(void) {
+  char *v = NULL;
+  if (expect_ok(spo_pipeline_info(g_pipe, "kind", &v), "info kind")) CHECK(strcmp(v, "sd15") == 0);
+  spo_string_free(v);
+  v = NULL;
+  if (expect_ok(spo_pipeline_info(g_pipe, "ep.unet", &v), "info ep.unet")) CHECK(strcmp(v, "cpu") == 0);
+  spo_string_free(v);
+  expect_error(spo_pipeline_info(g_pipe, "nope", &v), SPO_ERR_INVALID_ARGUMENT, "'nope'", "unknown pipeline key");
+
+  spo_job *j = NULL;
+  spo_options *o = job_options("abc");
+  expect_error(spo_job_create(g_pipe, o, &j), SPO_ERR_INVALID_OPTION_VALUE, "'steps'", "bad steps");
+  spo_options_free(o);
+  o = job_options("2");
+  expect_ok(spo_options_set(o, "scheduler", "warp"), "set scheduler");
+  expect_error(spo_job_create(g_pipe, o, &j), SPO_ERR_INVALID_OPTION_VALUE, "scheduler", "bad scheduler");
+  spo_options_free(o);
+  o = job_options("2");
+  expect_ok(spo_options_set(o, "ep", "cpu"), "set ep");
+  expect_error(spo_job_create(g_pipe, o, &j), SPO_ERR_UNKNOWN_OPTION, "'ep'", "runtime key given to a job");
+  spo_options_free(o);
+  o = job_options("2");
+  expect_ok(spo_options_set(o, "width", "65"), "set width");
+  expect_error(spo_job_create(g_pipe, o, &j), SPO_ERR_INVALID_OPTION_VALUE, "65", "width not a multiple");
+  spo_options_free(o);
+  CHECK(j == NULL);
+}
+
+static void test_generate_stepwise_and_busy(void) {
+  spo_options *o = job_options("3");
+  spo_job *a = NULL, *b = NULL;
+  if (!expect_ok(spo_job_create(g_pipe, o, &a), "job a")) {
+    spo_options_free(o);
+    return;
+  }
+  /* One active job per pipeline. */
+  expect_error(spo_job_create(g_pipe, o, &b), SPO_ERR_BUSY, "one job at a time", "busy");
+  spo_images *im = NULL;
+  expect_error(spo_job_take_images(a, &im), SPO_ERR_INVALID_ARGUMENT, "not finished", "take before done");
+  spo_job_status st = {0, 0, 0};
+  int steps = 0;
+  while (!st.finished && steps < 10) {
+    if (!expect_ok(spo_job_step(a, &st), "step")) break;
+    steps++;
+    CHECK(st.total == 3);
+  }
+  CHECK(steps == 3 && st.finished == 1 && st.done == 3);
+  expect_ok(spo_job_take_images(a, &im), "take after steps");
+  CHECK(spo_images_count(im) == 1);
+  spo_images_free(im);
+  spo_job_free(a);
+  /* The slot is free again: a full run works. */
+  if (expect_ok(spo_job_create(g_pipe, o, &b), "job b")) {
+    run_to_images(b, "run b");
+    spo_job_free(b);
+  }
+  spo_options_free(o);
+}
+
+static int cancel_at_2(void *user_data, uint32_t done, uint32_t total) {
+  (void)total;
+  *(int *)user_data = (int)done;
+  return done >= 2;
+}
+
+typedef struct {
+  spo_job *job;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int started;
+} cancel_ctx;
+
+static int signal_started(void *user_data, uint32_t done, uint32_t total) {
+  (void)done;
+  (void)total;
+  cancel_ctx *c = (cancel_ctx *)user_data;
+  pthread_mutex_lock(&c->mu);
+  c->started = 1;
+  pthread_cond_signal(&c->cv);
+  pthread_mutex_unlock(&c->mu);
+  return 0;
+}
+
+static void *canceller(void *arg) {
+  cancel_ctx *c = (cancel_ctx *)arg;
+  pthread_mutex_lock(&c->mu);
+  while (!c->started) pthread_cond_wait(&c->cv, &c->mu);
+  pthread_mutex_unlock(&c->mu);
+  spo_job_cancel(c->job);
+  return NULL;
+}
+
+static void test_cancel(void) {
+  spo_options *o = job_options("6");
+  spo_job *j = NULL;
+  /* Cancel through the progress callback. */
+  int seen = 0;
+  if (expect_ok(spo_job_create(g_pipe, o, &j), "job cb")) {
+    expect_ok(spo_job_set_progress_callback(j, cancel_at_2, &seen), "set progress");
+    expect_error(spo_job_run(j), SPO_ERR_CANCELLED, "cancelled", "cancel via callback");
+    CHECK(seen == 2);
+    /* A cancelled job stays cancelled. */
+    expect_error(spo_job_step(j, NULL), SPO_ERR_CANCELLED, "cancelled", "step after cancel");
+    spo_job_free(j);
+    j = NULL;
+  }
+  /* Cancel from another thread while spo_job_run runs. */
+  spo_options_free(o);
+  o = job_options("200");
+  cancel_ctx c;
+  c.started = 0;
+  pthread_mutex_init(&c.mu, NULL);
+  pthread_cond_init(&c.cv, NULL);
+  if (expect_ok(spo_job_create(g_pipe, o, &j), "job thread")) {
+    c.job = j;
+    expect_ok(spo_job_set_progress_callback(j, signal_started, &c), "set progress");
+    pthread_t t;
+    pthread_create(&t, NULL, canceller, &c);
+    expect_error(spo_job_run(j), SPO_ERR_CANCELLED, "cancelled", "cancel from thread");
+    pthread_join(t, NULL);
+    spo_job_free(j);
+    j = NULL;
+  }
+  pthread_mutex_destroy(&c.mu);
+  pthread_cond_destroy(&c.cv);
+  spo_options_free(o);
+  /* The pipeline is usable after a cancel. */
+  o = job_options("2");
+  if (expect_ok(spo_job_create(g_pipe, o, &j), "job after cancel")) {
+    run_to_images(j, "run after cancel");
+    spo_job_free(j);
+  }
+  spo_options_free(o);
+}
+
+int main(void) {
+  spo_options *ro = NULL;
+  expect_ok(spo_options_create(&ro), "options");
+  expect_ok(spo_options_set(ro, "ep", "cpu"), "ep cpu");
+  if (!expect_ok(spo_runtime_create(SPO_ABI_VERSION, ro, &g_rt), "runtime")) return finish("pipeline.c");
+  spo_options_free(ro);
+  test_load_errors();
+  if (expect_ok(spo_pipeline_load(g_rt, MODEL, NULL, &g_pipe), "pipeline_load")) {
+    test_nulls();
+    test_info_and_options();
+    test_generate_stepwise_and_busy();
+    test_cancel();
+    spo_pipeline_free(g_pipe);
+  }
+  spo_runtime_free(g_rt);
+  return finish("pipeline.c");
+}
