@@ -211,8 +211,9 @@ def _install_slots(modules, ctx):
 
         def fwd(self, x, _name=name):
             y = F.linear(x, self.weight, self.bias)
-            a = ctx[_name + ".down"]
-            b = ctx[_name + ".up"]
+            dn, upn = slot_input_names(_name)
+            a = ctx[dn]
+            b = ctx[upn]
             return y + torch.matmul(torch.matmul(x, a.transpose(0, 1)), b.transpose(0, 1))
 
         _patch_forward(mod, fwd)
@@ -228,7 +229,7 @@ def slot_input_names(path):
     return f"lora.{path}.down", f"lora.{path}.up"
 
 
-def export_unet(unet, out_dir, sdxl, dtype, opset, dynamo, batch, static_hw, lora_slots, text_embeds_dim=None):
+def export_unet(unet, out_dir, sdxl, dtype, opset, dynamo, batch, static_hw, lora_slots, text_embeds_dim=None, trace_hw=None):
     from diffusers.models.attention_processor import AttnProcessor
 
     unet = unet.eval()
@@ -237,7 +238,7 @@ def export_unet(unet, out_dir, sdxl, dtype, opset, dynamo, batch, static_hw, lor
     cross = cfg.cross_attention_dim
     if isinstance(cross, (list, tuple)):
         cross = cross[0]
-    h, w = static_hw or (cfg.sample_size * 8, cfg.sample_size * 8)
+    h, w = static_hw or trace_hw or (cfg.sample_size * 8, cfg.sample_size * 8)
     # the latent size to trace with: a multiple of 2**num_upsamplers, so that
     # the traced graph uses plain scale-2 upsampling (see DESIGN.md)
     lh, lw = h // 8, w // 8

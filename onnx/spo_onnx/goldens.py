@@ -1,0 +1,519 @@
+"""Diffusers reference outputs ("goldens") for the Rust tests, computed with the
+torch pipelines on the tiny diffusers fixtures (fp32, CPU).
+
+    PYTHONPATH=onnx python -m spo_onnx.goldens [--root tests/fixtures] [--only tiny-sdxl] [--skip-schedulers] [--lora]
+
+Writes ROOT/goldens/<model>/index.json (+ .npy float32 C-order, .png) and
+ROOT/goldens/scheduler/*.json. The format is described in onnx/DESIGN.md.
+
+Randomness: every case runs with `generator=torch.Generator("cpu").manual_seed(seed)`
+and diffusers draws everything from it, in this order: the initial latents
+(txt2img: unit-variance, before init_noise_sigma scaling; img2img: the noise
+given to scheduler.add_noise), then the per-step noise of stochastic samplers.
+Every draw is recorded (randn_tensor is wrapped, not replaced), so the files
+hold exactly what diffusers consumed. The VAE encoder of img2img uses the
+latent distribution mean ("vae_encode": "mean").
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+
+from .fixtures import REPO
+
+SCHEDULERS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+STOCHASTIC = {"euler_a", "ddpm"}  # plus ddim with eta > 0
+
+TOKENIZER_TEXTS = [
+    "",
+    " ",
+    "   \t\n  ",
+    "a",
+    "A photo of an astronaut riding a horse on mars",
+    "a photo of an ASTRONAUT Riding A Horse On Mars",
+    "masterpiece, best quality, 1girl, solo, looking at viewer",
+    "(masterpiece:1.2), [blurry], {cat}, <lora:foo:0.5>",
+    "Hello, World!",
+    "hello world!!!",
+    "don't stop; it's 5 o'clock... really?!",
+    "e-mail: someone@example.com, url https://example.org/a_b?c=d&e=f",
+    "numbers 0 1 2 3 42 3.14159 1,000,000 -7 1e10",
+    "1024x1024 8k uhd, f/1.8, 35mm",
+    "100% pure #hashtag $dollars ^caret *star* ~tilde~ `code`",
+    "UPPERCASE ONLY TEXT",
+    "MiXeD cAsE tExT",
+    "café naïve résumé Ångström façade",
+    "Straße Größe Übermensch",
+    "日本語のテキスト、東京タワー",
+    "中文提示词：一只可爱的猫",
+    "한국어 텍스트",
+    "русский текст, кошка",
+    "العربية نص",
+    "emoji 🤖🐱🚀 and 👍🏽 and 👨‍👩‍👧",
+    "🎨",
+    "a cat 🐈 on a mat",
+    "tabs\tand\nnewlines\r\nmixed",
+    "multiple    spaces     between    words",
+    "  leading and trailing spaces  ",
+    "punctuation.only?!,;:",
+    "...",
+    "!!!",
+    "a!b!c",
+    "quotes \"double\" and 'single' and «guillemets»",
+    "dashes - – — and slashes / \\ |",
+    "brackets ( ) [ ] { } < >",
+    "under_score and CamelCase and snake_case_words",
+    "<|startoftext|> literal special tokens <|endoftext|>",
+    "HTML &amp; entities &lt;tag&gt;",
+    "a very very very very very very very very very very very very very very very very very very very very long prompt",
+    " ".join(["word"] * 100),
+    " ".join(f"token{i}" for i in range(60)),
+    "beautiful landscape, " * 20,
+    "supercalifragilisticexpialidocious antidisestablishmentarianism",
+    "ﬁ ligature, ＦＵＬＬＷＩＤＴＨ, ½ ², ℃",
+    "zero\u200bwidth space and non\u00a0breaking space",
+    "accents combining: e\u0301 vs é",
+    "x" * 200,
+    "a portrait of a woman, highly detailed, digital painting, artstation, concept art, smooth, sharp focus, illustration",
+    "negative: blurry, lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped",
+    "photo of a red car. 2 people; 3 dogs!",
+    "12345678901234567890",
+    "v1.5 sdxl-base_1.0 SPO",
+]
+
+EMBED_PROMPTS = [
+    ("a photo of a cat", None),
+    ("a photo of a cat", ""),
+    ("a photo of a cat", "blurry, low quality"),
+    ("", None),
+    ("A LONG prompt, " * 30, "ugly " * 40),
+    ("emoji 🤖 and ünïcode", "!"),
+]
+
+RNG_SEEDS = [0, 1, 42, 1234, 2**31 - 1, 2**32 + 7, 123456789012345]
+
+
+def _np(x):
+    return np.ascontiguousarray(x.detach().to(torch.float32).cpu().numpy())
+
+
+class Writer:
+    def __init__(self, out_dir):
+        self.dir = out_dir
+        os.makedirs(out_dir, exist_ok=True)
+
+    def npy(self, name, x):
+        arr = _np(x) if isinstance(x, torch.Tensor) else np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        np.save(os.path.join(self.dir, name), arr)
+        return name
+
+    def png(self, name, img):
+        img.save(os.path.join(self.dir, name))
+        return name
+
+
+def _jsonable(cfg):
+    out = {}
+    for k, v in dict(cfg).items():
+        if isinstance(v, tuple):
+            v = list(v)
+        if isinstance(v, np.ndarray):
+            v = v.tolist()
+        out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- noise recording
+
+
+@contextlib.contextmanager
+def record_randn(log):
+    """Wraps diffusers' randn_tensor in every loaded diffusers module; appends
+    (module, tensor) for each draw."""
+    import diffusers.utils.torch_utils as tu
+
+    orig = tu.randn_tensor
+
+    def spy(*a, **k):
+        x = orig(*a, **k)
+        log.append((sys._getframe(1).f_globals.get("__name__", "?"), x.detach().clone()))
+        return x
+
+    patched = []
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("diffusers") and getattr(mod, "randn_tensor", None) is orig:
+            mod.randn_tensor = spy
+            patched.append(mod)
+    try:
+        yield
+    finally:
+        for mod in patched:
+            mod.randn_tensor = orig
+
+
+@contextlib.contextmanager
+def vae_encode_mean():
+    """img2img pipelines: retrieve_latents -> latent_dist.mode() (the mean)."""
+    patched = []
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("diffusers.pipelines") and hasattr(mod, "retrieve_latents"):
+            orig = mod.retrieve_latents
+
+            def mean(encoder_output, generator=None, sample_mode="sample", _orig=orig):
+                return _orig(encoder_output, generator=generator, sample_mode="argmax")
+
+            mod.retrieve_latents = mean
+            patched.append((mod, orig))
+    try:
+        yield
+    finally:
+        for mod, orig in patched:
+            mod.retrieve_latents = orig
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+def load(model, root):
+    import diffusers
+
+    d = os.path.join(root, "diffusers", model)
+    kw = {"add_watermarker": False} if model.endswith("sdxl") else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(d, torch_dtype=torch.float32, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    # the checkpoint's own scheduler config: every case derives its scheduler
+    # from this (cases replace pipe.scheduler, so never read it back from there)
+    pipe._spo_base_scheduler_config = pipe.scheduler.config
+    return pipe
+
+
+def img2img_pipe(pipe):
+    import diffusers
+
+    cls = diffusers.StableDiffusionXLImg2ImgPipeline if hasattr(pipe, "text_encoder_2") else diffusers.StableDiffusionImg2ImgPipeline
+    p = cls.from_pipe(pipe)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def make_scheduler(pipe, name, base_config=None):
+    import diffusers
+
+    cls_name, kw = SCHEDULERS[name]
+    cls = getattr(diffusers, cls_name)
+    return cls.from_config(base_config or pipe._spo_base_scheduler_config, **kw)
+
+
+def init_image(size=(64, 64)):
+    """A deterministic, smooth 8-bit RGB test image."""
+    from PIL import Image
+
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = 0.5 + 0.5 * np.sin(x / w * 2 * math.pi)
+    g = 0.5 + 0.5 * np.cos(y / h * 3 * math.pi)
+    b = ((x + y) / (w + h))
+    rgb = np.stack([r, g, b], -1)
+    rgb[h // 4 : h // 2, w // 4 : w // 2] = [0.9, 0.1, 0.1]
+    return Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB")
+
+
+def tokenizer_entries(pipe):
+    out = []
+    for t in TOKENIZER_TEXTS:
+        e = {"text": t}
+        e["ids"] = pipe.tokenizer(t, padding="max_length", max_length=77, truncation=True).input_ids
+        if hasattr(pipe, "tokenizer_2"):
+            e["ids_2"] = pipe.tokenizer_2(t, padding="max_length", max_length=77, truncation=True).input_ids
+        assert len(e["ids"]) == 77
+        out.append(e)
+    return out
+
+
+def encode(pipe, prompt, negative):
+    with torch.no_grad():
+        if hasattr(pipe, "text_encoder_2"):
+            pe, ne, pp, npp = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=negative)
+            return pe, ne, pp, npp
+        pe, ne = pipe.encode_prompt(prompt, "cpu", 1, True, negative_prompt=negative)
+        return pe, ne, None, None
+
+
+def embedding_entries(pipe, w):
+    out = []
+    for i, (p, n) in enumerate(EMBED_PROMPTS):
+        pe, ne, pp, npp = encode(pipe, p, n)
+        e = {"prompt": p, "negative_prompt": n, "prompt_embeds": w.npy(f"emb{i}_prompt.npy", pe), "negative_prompt_embeds": w.npy(f"emb{i}_negative.npy", ne)}
+        if pp is not None:
+            e["pooled_prompt_embeds"] = w.npy(f"emb{i}_pooled.npy", pp)
+            e["negative_pooled_prompt_embeds"] = w.npy(f"emb{i}_negative_pooled.npy", npp)
+        out.append(e)
+    return out
+
+
+def rng_entries(w):
+    out = []
+    for s in RNG_SEEDS:
+        r16 = torch.randn(16, generator=torch.Generator("cpu").manual_seed(s))
+        shape = [1, 4, 8, 8]
+        lat = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s))
+        out.append({"seed": s, "randn16": [float(v) for v in r16], "latents_shape": shape, "latents_randn": w.npy(f"rng_{s}.npy", lat)})
+    # a non-square shape too (row-major fill order check)
+    s = 7
+    lat = torch.randn([1, 4, 8, 12], generator=torch.Generator("cpu").manual_seed(s))
+    r16 = torch.randn(16, generator=torch.Generator("cpu").manual_seed(s))
+    out.append({"seed": s, "randn16": [float(v) for v in r16], "latents_shape": [1, 4, 8, 12], "latents_randn": w.npy(f"rng_{s}_8x12.npy", lat)})
+    return out
+
+
+def case_list(model):
+    sdxl = model.endswith("sdxl")
+    cases = []
+    seed = 100
+    for s in SCHEDULERS:
+        for tag, g, neg in (("cfg1", 1.0, None), ("cfg5", 5.0, None), ("cfg5_neg", 5.0, "blurry, low quality")):
+            seed += 1
+            cases.append(dict(name=f"{s}_{tag}", prompt="a photo of a cat", negative_prompt=neg, width=64, height=64, steps=5, guidance=g, scheduler=s, eta=0.0, seed=seed))
+    cases.append(dict(name="ddim_eta1_cfg5_neg", prompt="a photo of a cat", negative_prompt="blurry", width=64, height=64, steps=5, guidance=5.0, scheduler="ddim", eta=1.0, seed=201))
+    # non-square: latent dims must be multiples of 2**num_upsamplers (SDXL 4, SD1.5 8)
+    wide = (96, 64) if sdxl else (128, 64)
+    cases.append(dict(name=f"euler_{wide[0]}x{wide[1]}_cfg5", prompt="a wide landscape", negative_prompt=None, width=wide[0], height=wide[1], steps=5, guidance=5.0, scheduler="euler", eta=0.0, seed=202))
+    cases.append(dict(name=f"euler_a_{wide[1]}x{wide[0]}_cfg5_neg", prompt="a tall tower", negative_prompt="ugly", width=wide[1], height=wide[0], steps=4, guidance=5.0, scheduler="euler_a", eta=0.0, seed=203))
+    cases.append(dict(name="dpmpp_2m_karras_6steps_cfg7", prompt="an astronaut riding a horse", negative_prompt="lowres", width=64, height=64, steps=6, guidance=7.0, scheduler="dpmpp_2m_karras", eta=0.0, seed=204))
+    cases.append(dict(name="euler_cfg5_rescale07", prompt="a photo of a cat", negative_prompt="blurry", width=64, height=64, steps=5, guidance=5.0, guidance_rescale=0.7, scheduler="euler", eta=0.0, seed=205))
+    for s, sd in (("euler", 301), ("ddim", 302), ("dpmpp_2m", 303), ("euler_a", 304)):
+        cases.append(dict(name=f"img2img_{s}_s06_cfg5_neg", prompt="a red square on a gradient", negative_prompt="blurry", width=64, height=64, steps=5, guidance=5.0, scheduler=s, eta=0.0, seed=sd, img2img=True, strength=0.6))
+    return cases
+
+
+def timesteps_used(c, timesteps, order=1):
+    """The timesteps the UNet sees: all of them for txt2img; for img2img the
+    last int(steps * strength) (diffusers get_timesteps)."""
+    if c.get("strength") is None:
+        return timesteps
+    init_t = min(int(c["steps"] * c["strength"]), c["steps"])
+    t_start = max(c["steps"] - init_t, 0)
+    return timesteps[t_start * order :]
+
+
+def run_case(pipe, c, w, init_png, prefix=""):
+    """Runs one case twice (latent and np outputs) and writes its files."""
+    name = prefix + c["name"]
+    sched = make_scheduler(pipe, c["scheduler"])
+    img2img = c.get("img2img", False)
+    p = img2img_pipe(pipe) if img2img else pipe
+    p.scheduler = sched
+    kw = dict(
+        prompt=c["prompt"],
+        negative_prompt=c["negative_prompt"],
+        num_inference_steps=c["steps"],
+        guidance_scale=c["guidance"],
+        guidance_rescale=c.get("guidance_rescale", 0.0),
+        eta=c["eta"],
+    )
+    if img2img:
+        from PIL import Image
+
+        kw.update(image=Image.open(init_png).convert("RGB"), strength=c["strength"])
+    else:
+        kw.update(width=c["width"], height=c["height"])
+    results = {}
+    logs = {}
+    for ot in ("latent", "np"):
+        log = []
+        gen = torch.Generator("cpu").manual_seed(c["seed"])
+        with record_randn(log), vae_encode_mean(), torch.no_grad():
+            results[ot] = p(output_type=ot, generator=gen, **kw).images
+        logs[ot] = log
+    la, lb = logs["latent"], logs["np"]
+    assert len(la) == len(lb) and all(torch.equal(x[1], y[1]) for x, y in zip(la, lb)), "noise differs between runs"
+    init = la[0]
+    assert init[0].startswith("diffusers.pipelines"), init[0]
+    noise = [x for m, x in la[1:]]
+    assert all(m.startswith("diffusers.schedulers") for m, _ in la[1:]), [m for m, _ in la]
+    stochastic = c["scheduler"] in STOCHASTIC or (c["scheduler"] == "ddim" and c["eta"] > 0)
+    assert stochastic or not noise, (name, len(noise))
+    img_np = results["np"]
+    pil = p.image_processor.numpy_to_pil(img_np)[0]
+    entry = dict(c)
+    entry.pop("img2img", None)
+    entry.update(
+        name=name,
+        guidance_rescale=c.get("guidance_rescale", 0.0),
+        scheduler_class=type(sched).__name__,
+        scheduler_config=_jsonable(sched.config),
+        timesteps=[float(t) for t in sched.timesteps],
+        timesteps_used=timesteps_used(c, [float(t) for t in sched.timesteps], sched.order),
+        init_latents=w.npy(f"{name}_init.npy", init[1]),
+        noise=w.npy(f"{name}_noise.npy", torch.stack(noise)) if noise else None,
+        init_image=os.path.basename(init_png) if img2img else None,
+        strength=c["strength"] if img2img else None,
+        vae_encode="mean" if img2img else None,
+        latents=w.npy(f"{name}_latents.npy", results["latent"]),
+        image=w.png(f"{name}.png", pil),
+        image_f32=w.npy(f"{name}_image.npy", img_np),
+    )
+    if img2img:
+        entry["width"], entry["height"] = pil.size
+    return entry
+
+
+# ----------------------------------------------------------------------------- scheduler goldens
+
+SCHED_DTYPE = {
+    # these upcast/downcast the sample to float32 inside step(): float32 is what they compute in
+    "EulerDiscreteScheduler": torch.float32,
+    "EulerAncestralDiscreteScheduler": torch.float32,
+    "DPMSolverMultistepScheduler": torch.float32,
+    "DDIMScheduler": torch.float64,
+    "DDPMScheduler": torch.float64,
+}
+
+
+def toy_model(x, t):
+    return 0.5 * x * math.cos(float(t) / 300.0) + 0.1
+
+
+def scheduler_golden(base_config, name, overrides, steps, eta=0.0, seed=0):
+    import diffusers
+
+    cls_name, kw = SCHEDULERS[name]
+    kw = dict(kw)
+    kw.update(overrides)
+    sched = getattr(diffusers, cls_name).from_config(base_config, **kw)
+    dt = SCHED_DTYPE[cls_name]
+    sched.set_timesteps(steps)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    sample = torch.randn(1, 4, 2, 2, generator=gen, dtype=torch.float64).to(dt)
+    sample0 = sample.clone()
+    traj, outs, noises = [], [], []
+    step_kw = {"eta": eta} if cls_name == "DDIMScheduler" else {}
+    for t in sched.timesteps:
+        log = []
+        xin = sched.scale_model_input(sample, t)
+        out = toy_model(xin, t)
+        with record_randn(log):
+            sample = sched.step(out, t, sample, generator=gen, return_dict=False, **step_kw)[0]
+        outs.append(out.flatten().tolist())
+        traj.append(sample.flatten().tolist())
+        noises.append(log[0][1].flatten().tolist() if log else None)
+    sigmas = getattr(sched, "sigmas", None)
+    return {
+        "scheduler": name,
+        "scheduler_class": cls_name,
+        "config": _jsonable(sched.config),
+        "steps": steps,
+        "eta": eta,
+        "dtype": str(dt).replace("torch.", ""),
+        "sample_dtype_out": str(sample.dtype).replace("torch.", ""),
+        "timesteps": [float(t) for t in sched.timesteps],
+        "sigmas": [float(s) for s in sigmas] if sigmas is not None else None,
+        "init_noise_sigma": float(sched.init_noise_sigma),
+        "model": "model_output = 0.5 * scale_model_input(sample, t) * cos(t / 300) + 0.1, t = the timestep as float",
+        "sample0": sample0.flatten().tolist(),
+        "shape": [1, 4, 2, 2],
+        "noise": noises if any(n is not None for n in noises) else None,
+        "trajectory": traj,
+        "model_outputs": outs,
+    }
+
+
+def write_scheduler_goldens(out_dir, base_config):
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir)
+    variants = []
+    for name in SCHEDULERS:
+        for spacing in ("leading", "trailing", "linspace"):
+            for steps in (5, 20):
+                variants.append((name, {"timestep_spacing": spacing}, steps, 0.0))
+        variants.append((name, {"prediction_type": "v_prediction"}, 5, 0.0))
+        variants.append((name, {"steps_offset": 0}, 5, 0.0))
+        variants.append((name, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 20, 0.0))
+    variants.append(("euler", {"use_karras_sigmas": True}, 5, 0.0))
+    variants.append(("euler", {"use_karras_sigmas": True}, 20, 0.0))
+    variants.append(("ddim", {}, 5, 1.0))
+    variants.append(("ddim", {"timestep_spacing": "trailing"}, 20, 1.0))
+    variants.append(("ddim", {}, 5, 0.5))
+    index = []
+    for i, (name, ov, steps, eta) in enumerate(variants):
+        g = scheduler_golden(base_config, name, ov, steps, eta, seed=i)
+        tag = "_".join(f"{k}-{v}" for k, v in ov.items()) or "default"
+        fname = f"{name}_{tag}_{steps}steps" + (f"_eta{eta}" if eta else "") + ".json"
+        g["overrides"] = ov
+        with open(os.path.join(out_dir, fname), "w") as f:
+            json.dump(g, f)
+        index.append(fname)
+    with open(os.path.join(out_dir, "index.json"), "w") as f:
+        json.dump({"files": index, "base_config": base_config}, f, indent=1)
+    print(f"scheduler goldens: {len(index)} files")
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def write_model_goldens(model, root, lora=False):
+    out = os.path.join(root, "goldens", model)
+    pipe = load(model, root)
+    index_path = os.path.join(out, "index.json")
+    if lora:
+        from . import lora_goldens
+
+        with open(index_path) as f:
+            index = json.load(f)
+        index["lora"] = lora_goldens.lora_entries(model, pipe, root, Writer(out))
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=1, ensure_ascii=False)
+        return
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    w = Writer(out)
+    init_png = os.path.join(out, "init_64.png")
+    init_image().save(init_png)
+    index = {"model": model, "vae_encode": "mean"}
+    index["tokenizer"] = tokenizer_entries(pipe)
+    index["embeddings"] = embedding_entries(pipe, w)
+    index["rng"] = rng_entries(w)
+    index["cases"] = []
+    for c in case_list(model):
+        index["cases"].append(run_case(pipe, c, w, init_png))
+        print(f"{model}: {c['name']}", file=sys.stderr)
+    index["lora"] = []
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=1, ensure_ascii=False)
+
+
+def main(argv=None):
+    from .fixtures import BUILDERS, SDXL_SCHEDULER
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default=os.path.join(REPO, "tests", "fixtures"))
+    ap.add_argument("--only", action="append")
+    ap.add_argument("--skip-schedulers", action="store_true")
+    ap.add_argument("--skip-models", action="store_true")
+    ap.add_argument("--lora", action="store_true", help="(re)write only the 'lora' section (needs the LoRA files)")
+    a = ap.parse_args(argv)
+    torch.use_deterministic_algorithms(True)
+    if not a.skip_schedulers and not a.lora:
+        write_scheduler_goldens(os.path.join(a.root, "goldens", "scheduler"), SDXL_SCHEDULER)
+    if not a.skip_models:
+        for model in a.only or list(BUILDERS):
+            write_model_goldens(model, a.root, lora=a.lora)
+
+
+if __name__ == "__main__":
+    main()
