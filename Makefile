@@ -14,7 +14,7 @@ VALGRIND := valgrind --quiet --error-exitcode=1 --leak-check=full \
 	--errors-for-leak-kinds=definite,indirect --suppressions=$(CURDIR)/tests/c/valgrind.supp
 C_TESTS := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/*.c))
 
-.PHONY: all demo test setup apt ort build lint rust-test c-test py-test symbols header clean broken-models
+.PHONY: all demo test setup apt ort build lint rust-test c-test py-test symbols header clean broken-models examples
 
 all: build
 
@@ -32,17 +32,30 @@ ort:
 
 build: ort
 	$(CARGO) build --$(PROFILE) --locked
+	@# Binaries find ONNX Runtime beside libspo_runtime.so (search step 4).
+	@ln -sf $(ORT_DIR)/libonnxruntime.so* $(LIBDIR)/
 
 ## The main job ----------------------------------------------------------------
-demo: setup build tests/c/build/hello
-	./tests/c/build/hello
+# A real text-to-image run on the bundled tiny SDXL model.
+demo: setup build
+	@mkdir -p out
+	$(LIBDIR)/spo generate --model tests/fixtures/tiny-sdxl --prompt "a red fox in the snow, oil painting" \
+	  --steps 20 --guidance 5 --seed 42 --out out/demo.png
+	@echo "demo: wrote out/demo.png"
 
-tests/c/build/hello: examples/c/hello.c include/spo_runtime.h build
+# C samples, built against the committed header and run once by `make test`.
+EXAMPLES := $(patsubst examples/c/%.c,tests/c/build/example-%,$(wildcard examples/c/*.c))
+tests/c/build/example-%: examples/c/%.c examples/c/png_write.h include/spo_runtime.h build
 	@mkdir -p tests/c/build
 	$(CC) $(CFLAGS) $< -o $@ $(CLIBS)
 
+examples: $(EXAMPLES)
+	./tests/c/build/example-hello
+	./tests/c/build/example-txt2img tests/fixtures/tiny-sd15 "a lighthouse" tests/c/build/txt2img.png 4
+	@head -c 8 tests/c/build/txt2img.png | od -An -c | grep -q 'P   N   G' || { echo "txt2img did not write a PNG"; exit 1; }
+
 ## Tests -------------------------------------------------------------------------
-test: setup lint rust-test symbols c-test py-test
+test: setup lint rust-test symbols c-test examples py-test
 	@echo "make test: all checks passed"
 
 lint:

@@ -1,10 +1,10 @@
 """Diffusers reference outputs ("goldens") for the Rust tests, computed with the
 torch pipelines on the tiny diffusers fixtures (fp32, CPU).
 
-    PYTHONPATH=onnx python -m spo_onnx.goldens [--root tests/fixtures] [--only tiny-sdxl] [--skip-schedulers] [--lora]
+    PYTHONPATH=onnx python -m spo_onnx.goldens [--root tests/fixtures] [--only tiny-sdxl] [--lora]
 
-Writes ROOT/goldens/<model>/index.json (+ .npy float32 C-order, .png) and
-ROOT/goldens/scheduler/*.json. The format is described in onnx/DESIGN.md.
+Writes ROOT/goldens/<model>/index.json (+ .npy float32 C-order, .png). The format is described in onnx/DESIGN.md. Scheduler unit
+goldens come from unit_goldens.py.
 
 Randomness: every case runs with `generator=torch.Generator("cpu").manual_seed(seed)`
 and diffusers draws everything from it, in this order: the initial latents
@@ -20,7 +20,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -372,144 +371,16 @@ def run_case(pipe, c, w, init_png, prefix=""):
     return entry
 
 
-# ----------------------------------------------------------------------------- scheduler goldens
-
-SCHED_DTYPE = {
-    # these upcast/downcast the sample to float32 inside step(): float32 is what they compute in
-    "EulerDiscreteScheduler": torch.float32,
-    "EulerAncestralDiscreteScheduler": torch.float32,
-    "DPMSolverMultistepScheduler": torch.float32,
-    "DDIMScheduler": torch.float64,
-    "DDPMScheduler": torch.float64,
-}
-
-
-def toy_model(x, t):
-    return 0.5 * x * math.cos(float(t) / 300.0) + 0.1
-
-
-def scheduler_golden(base_config, name, overrides, steps, eta=0.0, seed=0):
-    import diffusers
-
-    cls_name, kw = SCHEDULERS[name]
-    kw = dict(kw)
-    kw.update(overrides)
-    sched = getattr(diffusers, cls_name).from_config(base_config, **kw)
-    dt = SCHED_DTYPE[cls_name]
-    sched.set_timesteps(steps)
-    gen = torch.Generator("cpu").manual_seed(seed)
-    sample = torch.randn(1, 4, 2, 2, generator=gen, dtype=torch.float64).to(dt)
-    sample0 = sample.clone()
-    traj, outs, noises = [], [], []
-    step_kw = {"eta": eta} if cls_name == "DDIMScheduler" else {}
-    for t in sched.timesteps:
-        log = []
-        xin = sched.scale_model_input(sample, t)
-        out = toy_model(xin, t)
-        with record_randn(log):
-            sample = sched.step(out, t, sample, generator=gen, return_dict=False, **step_kw)[0]
-        outs.append(out.flatten().tolist())
-        traj.append(sample.flatten().tolist())
-        noises.append(log[0][1].flatten().tolist() if log else None)
-    sigmas = getattr(sched, "sigmas", None)
-    return {
-        "scheduler": name,
-        "scheduler_class": cls_name,
-        "config": _jsonable(sched.config),
-        "steps": steps,
-        "eta": eta,
-        "dtype": str(dt).replace("torch.", ""),
-        "sample_dtype_out": str(sample.dtype).replace("torch.", ""),
-        "timesteps": [float(t) for t in sched.timesteps],
-        "sigmas": [float(s) for s in sigmas] if sigmas is not None else None,
-        "init_noise_sigma": float(sched.init_noise_sigma),
-        "model": "model_output = 0.5 * scale_model_input(sample, t) * cos(t / 300) + 0.1, t = the timestep as float",
-        "sample0": sample0.flatten().tolist(),
-        "shape": [1, 4, 2, 2],
-        "noise": noises if any(n is not None for n in noises) else None,
-        "trajectory": traj,
-        "model_outputs": outs,
-    }
-
-
-def write_scheduler_goldens(out_dir, base_config):
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir)
-    variants = []
-    for name in SCHEDULERS:
-        for spacing in ("leading", "trailing", "linspace"):
-            for steps in (5, 20):
-                variants.append((name, {"timestep_spacing": spacing}, steps, 0.0))
-        variants.append((name, {"prediction_type": "v_prediction"}, 5, 0.0))
-        variants.append((name, {"steps_offset": 0}, 5, 0.0))
-        variants.append((name, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 20, 0.0))
-    variants.append(("euler", {"use_karras_sigmas": True}, 5, 0.0))
-    variants.append(("euler", {"use_karras_sigmas": True}, 20, 0.0))
-    variants.append(("ddim", {}, 5, 1.0))
-    variants.append(("ddim", {"timestep_spacing": "trailing"}, 20, 1.0))
-    variants.append(("ddim", {}, 5, 0.5))
-    index = []
-    for i, (name, ov, steps, eta) in enumerate(variants):
-        g = scheduler_golden(base_config, name, ov, steps, eta, seed=i)
-        tag = "_".join(f"{k}-{v}" for k, v in ov.items()) or "default"
-        fname = f"{name}_{tag}_{steps}steps" + (f"_eta{eta}" if eta else "") + ".json"
-        g["overrides"] = ov
-        with open(os.path.join(out_dir, fname), "w") as f:
-            json.dump(g, f)
-        index.append(fname)
-    with open(os.path.join(out_dir, "index.json"), "w") as f:
-        json.dump({"files": index, "base_config": base_config}, f, indent=1)
-    print(f"scheduler goldens: {len(index)} files")
-
-
-# ----------------------------------------------------------------------------- driver
-
-
-def write_model_goldens(model, root, lora=False):
-    out = os.path.join(root, "goldens", model)
-    pipe = load(model, root)
-    index_path = os.path.join(out, "index.json")
-    if lora:
-        from . import lora_goldens
-
-        with open(index_path) as f:
-            index = json.load(f)
-        index["lora"] = lora_goldens.lora_entries(model, pipe, root, Writer(out))
-        with open(index_path, "w") as f:
-            json.dump(index, f, indent=1, ensure_ascii=False)
-        return
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    w = Writer(out)
-    init_png = os.path.join(out, "init_64.png")
-    init_image().save(init_png)
-    index = {"model": model, "vae_encode": "mean"}
-    index["tokenizer"] = tokenizer_entries(pipe)
-    index["embeddings"] = embedding_entries(pipe, w)
-    index["rng"] = rng_entries(w)
-    index["cases"] = []
-    for c in case_list(model):
-        index["cases"].append(run_case(pipe, c, w, init_png))
-        print(f"{model}: {c['name']}", file=sys.stderr)
-    index["lora"] = []
-    with open(index_path, "w") as f:
-        json.dump(index, f, indent=1, ensure_ascii=False)
-
-
 def main(argv=None):
-    from .fixtures import BUILDERS, SDXL_SCHEDULER
+    from .fixtures import BUILDERS
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default=os.path.join(REPO, "tests", "fixtures"))
     ap.add_argument("--only", action="append")
-    ap.add_argument("--skip-schedulers", action="store_true")
     ap.add_argument("--skip-models", action="store_true")
     ap.add_argument("--lora", action="store_true", help="(re)write only the 'lora' section (needs the LoRA files)")
     a = ap.parse_args(argv)
     torch.use_deterministic_algorithms(True)
-    if not a.skip_schedulers and not a.lora:
-        write_scheduler_goldens(os.path.join(a.root, "goldens", "scheduler"), SDXL_SCHEDULER)
     if not a.skip_models:
         for model in a.only or list(BUILDERS):
             write_model_goldens(model, a.root, lora=a.lora)

@@ -345,11 +345,11 @@ impl Job {
         self.check_cancel()?;
         let pipeline = self.pipeline.clone();
         let inner = &pipeline.inner;
-        let mut models = inner.models.lock();
         if matches!(self.state, State::New) {
-            self.prepare(&mut models)?;
+            self.prepare()?;
             self.state = State::Denoising;
         }
+        let mut models = inner.models.lock();
         let i = self.index;
         let t = self.scheduler.timesteps()[i];
         let scaled = self.scheduler.scale_model_input(&self.latents, i)?;
@@ -432,24 +432,17 @@ impl Job {
     }
 
     /// Encodes prompts, builds the conditioning and draws the initial latents.
-    fn prepare(&mut self, models: &mut super::Models) -> Result<()> {
+    fn prepare(&mut self) -> Result<()> {
         let inner = &self.pipeline.inner;
         let spec = &self.spec;
         let cfg = spec.guidance > 1.0;
         let b = spec.num_images;
-        let pos = models.text.encode(&spec.prompt, spec.clip_skip)?;
-        let neg = if !cfg {
-            None
-        } else {
-            Some(match (&spec.negative_prompt, inner.folder.kind) {
-                (None, ModelKind::Sdxl) if inner.folder.force_zeros_for_empty_prompt => {
-                    pos.zeros_like()
-                }
-                (neg, _) => models
-                    .text
-                    .encode(neg.as_deref().unwrap_or(""), spec.clip_skip)?,
-            })
-        };
+        let (pos, neg) = self.pipeline.encode_prompts(
+            &spec.prompt,
+            spec.negative_prompt.as_deref(),
+            cfg,
+            spec.clip_skip,
+        )?;
         let batch = |f: &dyn Fn(&PromptEmbeds) -> ArrayD<f32>| -> Result<ArrayD<f32>> {
             let p = repeat_batch(&f(&pos), b);
             match &neg {
@@ -504,6 +497,7 @@ impl Job {
                         img.height
                     )));
                 }
+                let mut models = inner.models.lock();
                 let vae = models.vae_encoder.as_mut().expect("checked at creation");
                 let mean = denoise::vae_encode_mean(
                     vae,

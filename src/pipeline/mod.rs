@@ -20,7 +20,7 @@ use crate::options::Options;
 use crate::runtime::session::Graph;
 use crate::runtime::Runtime;
 use crate::scheduler::SchedulerConfig;
-use crate::text::{ClipTokenizer, TextEncoder, TextEncoders};
+use crate::text::{ClipTokenizer, PromptEmbeds, TextEncoder, TextEncoders};
 
 /// The graphs of a pipeline; locked by the job that runs.
 pub(crate) struct Models {
@@ -208,6 +208,29 @@ impl Pipeline {
 
     pub fn info_keys(&self) -> Vec<String> {
         self.inner.info.keys().cloned().collect()
+    }
+
+    /// Encodes a prompt and, when `cfg`, its negative, following diffusers:
+    /// with no negative prompt SDXL uses zeros if the model sets
+    /// `force_zeros_for_empty_prompt`, otherwise the empty string is encoded.
+    pub fn encode_prompts(
+        &self,
+        prompt: &str,
+        negative: Option<&str>,
+        cfg: bool,
+        clip_skip: usize,
+    ) -> Result<(PromptEmbeds, Option<PromptEmbeds>)> {
+        let mut models = self.inner.models.lock();
+        let pos = models.text.encode(prompt, clip_skip)?;
+        if !cfg {
+            return Ok((pos, None));
+        }
+        let f = &self.inner.folder;
+        let neg = match negative {
+            None if f.kind == ModelKind::Sdxl && f.force_zeros_for_empty_prompt => pos.zeros_like(),
+            neg => models.text.encode(neg.unwrap_or(""), clip_skip)?,
+        };
+        Ok((pos, Some(neg)))
     }
 
     /// Starts a job. Fails with `Busy` while another job of this pipeline is active.
