@@ -20,7 +20,7 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
     ("cuda.cudnn_conv_algo_search", "runtime"),
     ("cuda.gpu_mem_limit", "runtime"),
     ("cuda.enable_cuda_graph", "runtime"),
-    ("vae.upcast", "pipeline"),
+    ("lora.allow_partial", "pipeline"),
     ("prompt", "job"),
     ("negative_prompt", "job"),
     ("width", "job"),

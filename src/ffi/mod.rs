@@ -8,6 +8,7 @@
 mod boundary;
 pub mod error;
 pub mod job;
+pub mod lora;
 pub mod options;
 pub mod pipeline;
 pub mod runtime;

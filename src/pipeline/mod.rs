@@ -4,6 +4,7 @@
 pub mod denoise;
 pub mod image;
 pub mod job;
+pub mod lora;
 pub mod rng;
 
 use std::collections::BTreeMap;
@@ -14,6 +15,7 @@ use parking_lot::Mutex;
 
 pub use self::image::Image;
 pub use self::job::{Job, JobSpec, Status};
+pub use self::lora::{Lora, LoraMode};
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::{ModelFolder, ModelKind};
 use crate::options::Options;
@@ -43,6 +45,8 @@ pub(crate) struct Inner {
     pub scheduler_config: SchedulerConfig,
     pub models: Mutex<Models>,
     busy: AtomicBool,
+    pub(crate) lora: Mutex<lora::LoraState>,
+    pub(crate) allow_partial_lora: bool,
     /// Latent channels, VAE downscale factor and default image size.
     pub latent_channels: usize,
     pub vae_factor: usize,
@@ -67,9 +71,11 @@ fn tokenizer(folder: &ModelFolder, name: &str) -> Result<ClipTokenizer> {
 }
 
 impl Pipeline {
-    /// Loads the model folder `dir`. Options: `vae.upcast` (reserved).
+    /// Loads the model folder `dir`. Options: `lora.allow_partial` (LoRA keys
+    /// that match nothing are warnings instead of errors).
     pub fn load(runtime: &Runtime, dir: &std::path::Path, options: &Options) -> Result<Pipeline> {
         options.check_consumer("pipeline", "spo_pipeline_load")?;
+        let allow_partial_lora = options.bool("lora.allow_partial")?.unwrap_or(false);
         let folder = ModelFolder::open(dir)?;
         let log = runtime.logger();
         let load = |c: &str| Graph::load(runtime, c, &folder.graph(c));
@@ -156,7 +162,6 @@ impl Pipeline {
         if let Some(v) = &vae_encoder {
             describe(v);
         }
-        info.insert("lora.mode".into(), "none".into());
         info.insert(
             "default_size".into(),
             format!("{}x{}", default_size.1, default_size.0),
@@ -183,6 +188,8 @@ impl Pipeline {
                 }),
                 folder,
                 busy: AtomicBool::new(false),
+                lora: Mutex::new(Default::default()),
+                allow_partial_lora,
                 latent_channels,
                 vae_factor,
                 default_size,
@@ -203,11 +210,16 @@ impl Pipeline {
     /// Answers `spo_pipeline_info` keys: `kind`, `dir`, `default_size`,
     /// `ep.<component>`, `io.<component>`, `lora.mode`.
     pub fn info(&self, key: &str) -> Option<String> {
-        self.inner.info.get(key).cloned()
+        match key {
+            "lora.mode" => Some(self.inner.lora.lock().mode_name().to_owned()),
+            _ => self.inner.info.get(key).cloned(),
+        }
     }
 
     pub fn info_keys(&self) -> Vec<String> {
-        self.inner.info.keys().cloned().collect()
+        let mut k: Vec<String> = self.inner.info.keys().cloned().collect();
+        k.push("lora.mode".into());
+        k
     }
 
     /// Encodes a prompt and, when `cfg`, its negative, following diffusers:
@@ -246,11 +258,11 @@ pub(crate) struct BusyGuard {
 }
 
 impl BusyGuard {
-    fn acquire(p: &Pipeline) -> Result<BusyGuard> {
+    pub(crate) fn acquire(p: &Pipeline) -> Result<BusyGuard> {
         if p.inner.busy.swap(true, Ordering::AcqRel) {
             return Err(Error::new(
                 ErrorCode::Busy,
-                "the pipeline is running another job; a pipeline runs one job at a time",
+                "the pipeline is running another job or LoRA change; a pipeline runs one job at a time",
             ));
         }
         Ok(BusyGuard {

@@ -31,6 +31,8 @@ struct Inner {
     eps: EpSet,
     intra_threads: Option<usize>,
     logger: Logger,
+    /// Sessions built so far (tests check that unchanged LoRA sets rebuild nothing).
+    sessions_built: std::sync::atomic::AtomicUsize,
 }
 
 impl Runtime {
@@ -61,6 +63,7 @@ impl Runtime {
                 eps,
                 intra_threads,
                 logger,
+                sessions_built: Default::default(),
             }),
         })
     }
@@ -86,6 +89,15 @@ impl Runtime {
 
     pub fn eps(&self) -> &EpSet {
         &self.inner.eps
+    }
+
+    pub(crate) fn note_session_built(&self) {
+        self.inner.sessions_built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Number of ONNX Runtime sessions this runtime has built.
+    pub fn sessions_built(&self) -> usize {
+        self.inner.sessions_built.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A session builder with the active providers and thread settings applied.
@@ -117,6 +129,7 @@ impl Runtime {
                 .collect::<Vec<_>>()
                 .join(","),
             "ep.active" => self.inner.eps.active_names(),
+            "sessions.built" => self.sessions_built().to_string(),
             _ => return None,
         })
     }
@@ -130,5 +143,6 @@ impl Runtime {
         "ep.available",
         "ep.requested",
         "ep.active",
+        "sessions.built",
     ];
 }

@@ -121,13 +121,27 @@ impl Graph {
     /// Opens `path` as a session on the runtime's execution providers. The
     /// error names the component and the file.
     pub fn load(rt: &Runtime, component: &str, path: &Path) -> Result<Graph> {
+        Self::load_with_initializers(rt, component, path, Vec::new())
+    }
+
+    /// Like [`Graph::load`], with initializers replaced by the given values
+    /// (ONNX Runtime's `AddInitializer`): how merged LoRA weights reach a session
+    /// without rewriting the model file.
+    pub fn load_with_initializers(rt: &Runtime, component: &str, path: &Path, initializers: Vec<(String, DynValue)>) -> Result<Graph> {
         if !path.is_file() {
             return Err(Error::invalid_model(format!(
                 "{component}: missing graph file {}",
                 path.display()
             )));
         }
-        let session = rt.session_builder()?.commit_from_file(path).map_err(|e| {
+        let mut builder = rt.session_builder()?;
+        for (name, value) in initializers {
+            builder = builder.with_initializer(&name, value).map_err(|e| {
+                Error::new(ErrorCode::Ort, format!("{component}: cannot override initializer '{name}': {e}"))
+            })?;
+        }
+        rt.note_session_built();
+        let session = builder.commit_from_file(path).map_err(|e| {
             Error::new(
                 ErrorCode::InvalidModel,
                 format!("{component}: cannot load {}: {e}", path.display()),

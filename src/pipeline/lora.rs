@@ -1,0 +1,178 @@
+//! Applying LoRAs to a loaded pipeline.
+//!
+//! Merge mode computes `W' = W + Σ m·(α/r)·ΔW` per target initializer
+//! (`lora::merged_overrides`) and rebuilds only the sessions whose overrides
+//! changed, handing the merged weights to ONNX Runtime as initializer
+//! overrides. Applying the same list again rebuilds nothing. Slots mode (graphs
+//! exported with `--lora-slots`) feeds the low-rank factors as UNet inputs, so a
+//! switch costs no rebuild.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use ndarray::{ArrayD, IxDyn};
+use ort::value::{DynValue, Tensor};
+
+use super::{BusyGuard, Pipeline};
+use crate::error::{Error, ErrorCode, Result};
+use crate::lora::{merged_overrides, Component, LoraFile, MergeOptions, ModelGraphs, OverrideData, Resolution};
+use crate::runtime::session::Graph;
+
+/// How LoRAs reach the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraMode {
+    /// Slots when the UNet was exported with them, else merge.
+    Auto,
+    /// Merge into the weights and rebuild the affected sessions.
+    Merge,
+    /// Feed adapters to a `--lora-slots` UNet as inputs; no rebuild.
+    Slots,
+}
+
+impl LoraMode {
+    pub fn parse(s: &str) -> Option<LoraMode> {
+        Some(match s {
+            "auto" => LoraMode::Auto,
+            "merge" => LoraMode::Merge,
+            "slots" => LoraMode::Slots,
+            _ => return None,
+        })
+    }
+}
+
+/// A loaded LoRA file: immutable and shareable between pipelines and threads.
+#[derive(Clone, Debug)]
+pub struct Lora(pub Arc<LoraFile>);
+
+impl Lora {
+    pub fn open(path: &std::path::Path) -> Result<Lora> {
+        Ok(Lora(Arc::new(LoraFile::open(path)?)))
+    }
+
+    /// Answers `spo_lora_info` keys: path, format, dialect, modules, rank, alpha.
+    pub fn info(&self, key: &str) -> Option<String> {
+        let f = &self.0;
+        let ranks: BTreeSet<usize> = f.modules.values().filter_map(|m| m.rank).collect();
+        let alphas: BTreeSet<String> = f.modules.values().map(|m| m.alpha.map_or("none".into(), |a| a.to_string())).collect();
+        let join = |v: Vec<String>| v.join(",");
+        Some(match key {
+            "path" => f.path.display().to_string(),
+            "format" => format!("{:?}", f.format),
+            "dialect" => format!("{:?}", f.dialect),
+            "modules" => f.modules.len().to_string(),
+            "rank" => join(ranks.iter().map(|r| r.to_string()).collect()),
+            "alpha" => join(alphas.into_iter().collect()),
+            _ => return None,
+        })
+    }
+
+    pub const INFO_KEYS: &'static [&'static str] = &["path", "format", "dialect", "modules", "rank", "alpha"];
+}
+
+/// What a pipeline has applied.
+#[derive(Default)]
+pub(crate) struct LoraState {
+    /// Identity of the applied list: (file pointer, multiplier bits).
+    applied: Vec<(usize, u32)>,
+    mode: Option<LoraMode>,
+    /// Components whose sessions carry overrides now.
+    touched: BTreeSet<Component>,
+    /// The parsed graphs, read once on first use.
+    graphs: Option<Arc<ModelGraphs>>,
+}
+
+impl LoraState {
+    pub fn mode_name(&self) -> &'static str {
+        match (self.mode, self.applied.is_empty()) {
+            (_, true) | (None, _) => "none",
+            (Some(LoraMode::Slots), _) => "slots",
+            _ => "merge",
+        }
+    }
+}
+
+fn value(o: &crate::lora::InitializerOverride) -> Result<DynValue> {
+    let shape = IxDyn(&o.dims);
+    let bad = |e: ndarray::ShapeError| Error::invalid_lora(format!("override '{}' {:?}: {e}", o.name, o.dims));
+    Ok(match &o.data {
+        OverrideData::F32(v) => Tensor::from_array(ArrayD::from_shape_vec(shape, v.clone()).map_err(bad)?)?.into_dyn(),
+        OverrideData::F16(v) => Tensor::from_array(ArrayD::from_shape_vec(shape, v.clone()).map_err(bad)?)?.into_dyn(),
+        OverrideData::BF16(_) => return Err(Error::unsupported(format!("bfloat16 initializer '{}' cannot be overridden yet", o.name))),
+    })
+}
+
+impl Pipeline {
+    /// Applies `loras` (each with its multiplier), replacing what was applied
+    /// before; an empty list removes all. Returns each file's key resolution.
+    /// Fails with `Busy` while a job is active. Unmatched keys are an error
+    /// unless the pipeline was loaded with `lora.allow_partial=true`, when they
+    /// are logged as warnings.
+    pub fn set_loras(&self, loras: &[(Lora, f32)], mode: LoraMode) -> Result<Vec<Resolution>> {
+        let _busy = BusyGuard::acquire(self)?;
+        let inner = &self.inner;
+        let mode = match mode {
+            LoraMode::Auto if self.has_lora_slots() => LoraMode::Slots,
+            LoraMode::Auto => LoraMode::Merge,
+            m => m,
+        };
+        if mode == LoraMode::Slots {
+            return Err(Error::unsupported(format!(
+                "slots mode needs a UNet exported with --lora-slots; {} has no lora.* inputs",
+                inner.folder.graph("unet").display()
+            )));
+        }
+        let identity: Vec<(usize, u32)> = loras.iter().map(|(l, m)| (Arc::as_ptr(&l.0) as usize, m.to_bits())).collect();
+        let mut state = inner.lora.lock();
+        let graphs = match &state.graphs {
+            Some(g) => g.clone(),
+            None => {
+                let g = Arc::new(ModelGraphs::open(&inner.folder.dir)?);
+                state.graphs = Some(g.clone());
+                g
+            }
+        };
+        let files: Vec<(&LoraFile, f32)> = loras.iter().map(|(l, m)| (&*l.0, *m)).collect();
+        let merged = merged_overrides(&graphs, &files, MergeOptions { strict: !inner.allow_partial_lora })?;
+        for r in &merged.resolutions {
+            for (key, why) in &r.unmatched {
+                inner.runtime.logger().warn(&format!("{}: LoRA key '{key}' not applied: {why}", r.file.display()));
+            }
+        }
+        if state.applied == identity && state.mode == Some(mode) {
+            return Ok(merged.resolutions);
+        }
+        let mut by_component: BTreeMap<Component, Vec<(String, DynValue)>> = BTreeMap::new();
+        for ((comp, name), o) in &merged.overrides {
+            by_component.entry(*comp).or_default().push((name.clone(), value(o)?));
+        }
+        let now: BTreeSet<Component> = by_component.keys().copied().collect();
+        let rebuild: BTreeSet<Component> = now.union(&state.touched).copied().collect();
+        // Build every new session first, so a failure leaves the pipeline as it was.
+        let mut built = Vec::new();
+        for comp in &rebuild {
+            let path = inner.folder.graph(comp.folder());
+            let inits = by_component.remove(comp).unwrap_or_default();
+            built.push((*comp, Graph::load_with_initializers(&inner.runtime, comp.folder(), &path, inits)?));
+        }
+        let mut models = inner.models.lock();
+        for (comp, g) in built {
+            match comp {
+                Component::Unet => models.unet = g,
+                Component::TextEncoder => models.text.te1.graph = g,
+                Component::TextEncoder2 => {
+                    let te2 = models.text.te2.as_mut().ok_or_else(|| Error::new(ErrorCode::InvalidLora, "LoRA targets text_encoder_2, which this model lacks"))?;
+                    te2.graph = g;
+                }
+            }
+        }
+        state.applied = identity;
+        state.mode = Some(mode);
+        state.touched = now;
+        inner.runtime.logger().info(&format!("applied {} LoRA(s) in merge mode; rebuilt {} session(s)", loras.len(), rebuild.len()));
+        Ok(merged.resolutions)
+    }
+
+    fn has_lora_slots(&self) -> bool {
+        self.inner.models.lock().unet.inputs.iter().any(|i| i.name.starts_with("lora."))
+    }
+}
