@@ -144,10 +144,11 @@ def fused_latents(pipe, loras, case, fmt="peft"):
     for i, (path, mult) in enumerate(loras):
         pipe.load_lora_weights(path, adapter_name=f"l{i}")
         names.append(f"l{i}")
-    pipe.set_adapters(names, adapter_weights=[m for _, m in loras])
-    comps = ["unet", "text_encoder"] + (["text_encoder_2"] if hasattr(pipe, "text_encoder_2") else [])
-    pipe.fuse_lora(components=comps, adapter_names=names, lora_scale=1.0)
-    pipe.unload_lora_weights()
+    if names:
+        pipe.set_adapters(names, adapter_weights=[m for _, m in loras])
+        comps = ["unet", "text_encoder"] + (["text_encoder_2"] if hasattr(pipe, "text_encoder_2") else [])
+        pipe.fuse_lora(components=comps, adapter_names=names, lora_scale=1.0)
+        pipe.unload_lora_weights()
     pipe.scheduler = make_scheduler(pipe, case["scheduler"])
     log = []
     with record_randn(log), torch.no_grad():

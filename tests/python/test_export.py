@@ -27,7 +27,17 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 
+_SESSIONS = {}
+
+
 def session(path):
+    """One cached ORT session per graph file (the tiny SDXL UNet has ~27k nodes)."""
+    if path not in _SESSIONS:
+        _SESSIONS[path] = _new_session(path)
+    return _SESSIONS[path]
+
+
+def _new_session(path):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
