@@ -96,6 +96,27 @@ typedef int32_t spo_log_level;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// How `spo_pipeline_set_loras` applies LoRAs.
+enum spo_lora_mode
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // Slots when the UNet was exported with --lora-slots, else merge.
+  SPO_LORA_AUTO = 0,
+  // Merge into the weights; rebuilds only the affected sessions.
+  SPO_LORA_MERGE = 1,
+  // Feed adapters to a --lora-slots UNet; no session rebuild.
+  SPO_LORA_SLOTS = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum spo_lora_mode spo_lora_mode;
+#else
+typedef int32_t spo_lora_mode;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // An error object owned by the caller; free it with `spo_error_free`.
 typedef struct spo_error spo_error;
 
@@ -105,6 +126,9 @@ typedef struct spo_images spo_images;
 // A generation job. `spo_job_cancel` may be called from any thread; the other
 // calls on one job must not overlap (an overlapping call gets SPO_ERR_BUSY).
 typedef struct spo_job spo_job;
+
+// A loaded LoRA file. Immutable: share it between pipelines and threads.
+typedef struct spo_lora spo_lora;
 
 // A settings object owned by the caller.
 typedef struct spo_options spo_options;
@@ -250,6 +274,46 @@ struct spo_error *spo_images_get(const struct spo_images *images,
 
 // Frees images. NULL is a no-op.
 void spo_images_free(struct spo_images *images);
+
+// Loads a LoRA safetensors file: kohya/A1111 "webui" (both SDXL dialects),
+// diffusers/PEFT, LoCon, LoHa, LoKr, DoRA. `runtime` ties the load to a
+// runtime for future device placement; it is only checked today.
+//
+// Ownership: `*out` is freed with `spo_lora_free`; written only on success.
+// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
+// SPO_ERR_IO, SPO_ERR_INVALID_LORA (names the file, key and shape).
+struct spo_error *spo_lora_load(const struct spo_runtime *runtime,
+                                const char *path,
+                                struct spo_lora **out);
+
+// Answers a question about a LoRA as a new string. Keys: "path", "format",
+// "dialect", "modules" (count), "rank" and "alpha" (distinct values, comma-separated).
+//
+// Ownership: `*out` is freed with `spo_string_free`. Threading: any thread.
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT (unknown key).
+struct spo_error *spo_lora_info(const struct spo_lora *lora, const char *key, char **out);
+
+// Frees a LoRA handle. NULL is a no-op. Pipelines it was applied to keep
+// what they need.
+void spo_lora_free(struct spo_lora *lora);
+
+// Applies `n` LoRAs with their multipliers to the pipeline, replacing the
+// previous set (`n` = 0 removes all). In merge mode only the sessions whose
+// weights change are rebuilt; the same list again rebuilds nothing. A LoRA key
+// that matches nothing in the model is an error naming the file and key,
+// unless the pipeline was loaded with "lora.allow_partial"="true".
+//
+// Ownership: borrows the arrays and handles (`loras` and `multipliers` may be
+// NULL when `n` is 0). Threading: not while a job of this pipeline is active
+// (SPO_ERR_BUSY). Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (bad
+// mode or multiplier), SPO_ERR_INVALID_LORA, SPO_ERR_UNSUPPORTED (slots on a
+// graph without them), SPO_ERR_BUSY, SPO_ERR_ORT. On error the pipeline keeps
+// its previous LoRAs.
+struct spo_error *spo_pipeline_set_loras(const struct spo_pipeline *pipeline,
+                                         const struct spo_lora *const *loras,
+                                         const float *multipliers,
+                                         size_t n,
+                                         int32_t mode);
 
 // Creates an empty options object.
 //

@@ -13,7 +13,7 @@ mod common;
 
 use common::*;
 use spo_runtime::pipeline::rng::TorchRng;
-use spo_runtime::pipeline::{Image, JobSpec, Pipeline};
+use spo_runtime::pipeline::{Image, Pipeline};
 use spo_runtime::text::ClipTokenizer;
 use spo_runtime::Options;
 
@@ -92,40 +92,6 @@ fn embeddings(model: &str, p: &Pipeline, index: &serde_json::Value) {
             );
         }
     }
-}
-
-fn spec_for(dir: &std::path::Path, c: &serde_json::Value) -> JobSpec {
-    let mut s = JobSpec {
-        prompt: c["prompt"].as_str().unwrap().to_owned(),
-        negative_prompt: c["negative_prompt"].as_str().map(str::to_owned),
-        width: Some(c["width"].as_u64().unwrap() as usize),
-        height: Some(c["height"].as_u64().unwrap() as usize),
-        steps: c["steps"].as_u64().unwrap() as usize,
-        guidance: c["guidance"].as_f64().unwrap(),
-        guidance_rescale: c["guidance_rescale"].as_f64().unwrap_or(0.0),
-        scheduler: c["scheduler"].as_str().unwrap().to_owned(),
-        eta: c["eta"].as_f64().unwrap_or(0.0),
-        ..JobSpec::default()
-    };
-    s.init_latents = Some(
-        read_npy(&dir.join(c["init_latents"].as_str().unwrap()))
-            .iter()
-            .copied()
-            .collect(),
-    );
-    if let Some(n) = c["noise"].as_str() {
-        let a = read_npy(&dir.join(n));
-        s.step_noise = Some(
-            a.outer_iter()
-                .map(|x| x.iter().copied().collect())
-                .collect(),
-        );
-    }
-    if let Some(img) = c["init_image"].as_str() {
-        s.init_image = Some(dir.join(img));
-        s.strength = c["strength"].as_f64().unwrap();
-    }
-    s
 }
 
 fn cases(model: &str, p: &Pipeline, index: &serde_json::Value) {

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use ndarray::ArrayD;
-use spo_runtime::pipeline::{JobSpec, Pipeline};
+use spo_runtime::lora::ModelGraphs;
+use spo_runtime::pipeline::{JobSpec, Lora, LoraMode, Pipeline};
 use spo_runtime::runtime::{LogLevel, Logger};
 use spo_runtime::{Error, Options, Result, Runtime};
 
@@ -42,12 +43,28 @@ struct RuntimeArgs {
 enum Command {
     /// Text-to-image or image-to-image.
     Generate(Box<Generate>),
+    /// LoRA tools.
+    Lora {
+        #[command(subcommand)]
+        command: LoraCommand,
+    },
     /// Print a model folder's components, dtypes, shapes and providers.
     Info {
         #[arg(long)]
         model: PathBuf,
         #[command(flatten)]
         rt: RuntimeArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum LoraCommand {
+    /// Print a LoRA's format, dialect, rank and alpha, every module it matches
+    /// in the model and every key it does not.
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
     },
 }
 
@@ -98,6 +115,12 @@ struct Generate {
     save_latents: Option<PathBuf>,
     #[arg(long, default_value = "out.png")]
     out: PathBuf,
+    /// A LoRA to apply, FILE or FILE:MULTIPLIER (repeatable).
+    #[arg(long = "lora")]
+    loras: Vec<String>,
+    /// How LoRAs are applied: auto, merge or slots.
+    #[arg(long, default_value = "auto")]
+    lora_mode: String,
     #[command(flatten)]
     rt: RuntimeArgs,
 }
@@ -128,6 +151,23 @@ fn read_npy(path: &Path) -> Result<ArrayD<f32>> {
 fn generate(g: Generate) -> Result<()> {
     let rt = runtime(&g.rt)?;
     let pipeline = Pipeline::load(&rt, &g.model, &Options::new())?;
+    if !g.loras.is_empty() {
+        let mode = LoraMode::parse(&g.lora_mode).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "--lora-mode '{}': use auto, merge or slots",
+                g.lora_mode
+            ))
+        })?;
+        let mut list = Vec::new();
+        for spec in &g.loras {
+            let (path, mult) = match spec.rsplit_once(':') {
+                Some((p, m)) if m.parse::<f32>().is_ok() => (p, m.parse::<f32>().unwrap_or(1.0)),
+                _ => (spec.as_str(), 1.0),
+            };
+            list.push((Lora::open(Path::new(path))?, mult));
+        }
+        pipeline.set_loras(&list, mode)?;
+    }
     let mut spec = JobSpec {
         prompt: g.prompt,
         negative_prompt: g.negative,
@@ -221,11 +261,35 @@ fn info(model: &Path, args: &RuntimeArgs) -> Result<()> {
     Ok(())
 }
 
+fn lora_inspect(file: &Path, model: &Path) -> Result<()> {
+    let lora = Lora::open(file)?;
+    for key in Lora::INFO_KEYS {
+        println!("{key:<10} {}", lora.info(key).unwrap_or_default());
+    }
+    let graphs = ModelGraphs::open(model)?;
+    let r = spo_runtime::lora::resolve(&lora.0, &graphs.targets);
+    println!("\nmatched {} module(s):", r.matched.len());
+    for m in &r.matched {
+        println!(
+            "  {:<60} -> {:?} {} ({}) {:?}",
+            m.key, m.component, m.module, m.initializer, m.shape
+        );
+    }
+    println!("\nunmatched {} key(s):", r.unmatched.len());
+    for (k, why) in &r.unmatched {
+        println!("  {k}: {why}");
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Generate(g) => generate(*g),
         Command::Info { model, rt } => info(&model, &rt),
+        Command::Lora {
+            command: LoraCommand::Inspect { file, model },
+        } => lora_inspect(&file, &model),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

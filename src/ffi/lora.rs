@@ -3,7 +3,9 @@
 use std::ffi::c_char;
 use std::path::Path;
 
-use super::boundary::{arg_ref, arg_str, call, call_or, free_handle, into_handle, out_slot, owned_c_string, spo_error};
+use super::boundary::{
+    arg_ref, arg_str, call, call_or, free_handle, into_handle, out_slot, owned_c_string, spo_error,
+};
 use super::pipeline::spo_pipeline;
 use super::runtime::spo_runtime;
 use crate::error::{Error, ErrorCode};
@@ -34,7 +36,11 @@ pub enum spo_lora_mode {
 /// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
 /// SPO_ERR_IO, SPO_ERR_INVALID_LORA (names the file, key and shape).
 #[no_mangle]
-pub extern "C" fn spo_lora_load(runtime: *const spo_runtime, path: *const c_char, out: *mut *mut spo_lora) -> *mut spo_error {
+pub extern "C" fn spo_lora_load(
+    runtime: *const spo_runtime,
+    path: *const c_char,
+    out: *mut *mut spo_lora,
+) -> *mut spo_error {
     call(|| {
         let out = out_slot(out, "out")?;
         arg_ref(runtime, "runtime")?;
@@ -51,13 +57,20 @@ pub extern "C" fn spo_lora_load(runtime: *const spo_runtime, path: *const c_char
 /// Ownership: `*out` is freed with `spo_string_free`. Threading: any thread.
 /// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT (unknown key).
 #[no_mangle]
-pub extern "C" fn spo_lora_info(lora: *const spo_lora, key: *const c_char, out: *mut *mut c_char) -> *mut spo_error {
+pub extern "C" fn spo_lora_info(
+    lora: *const spo_lora,
+    key: *const c_char,
+    out: *mut *mut c_char,
+) -> *mut spo_error {
     call(|| {
         let out = out_slot(out, "out")?;
         let l = &arg_ref(lora, "lora")?.lora;
         let key = arg_str(key, "key")?;
         let v = l.info(key).ok_or_else(|| {
-            Error::invalid_argument(format!("unknown LoRA info key '{key}' (known: {})", Lora::INFO_KEYS.join(", ")))
+            Error::invalid_argument(format!(
+                "unknown LoRA info key '{key}' (known: {})",
+                Lora::INFO_KEYS.join(", ")
+            ))
         })?;
         *out = owned_c_string(&v);
         Ok(())
@@ -97,7 +110,12 @@ pub extern "C" fn spo_pipeline_set_loras(
             0 => LoraMode::Auto,
             1 => LoraMode::Merge,
             2 => LoraMode::Slots,
-            m => return Err(Error::new(ErrorCode::InvalidArgument, format!("LoRA mode {m} is not a spo_lora_mode (0-2)"))),
+            m => {
+                return Err(Error::new(
+                    ErrorCode::InvalidArgument,
+                    format!("LoRA mode {m} is not a spo_lora_mode (0-2)"),
+                ))
+            }
         };
         let mut list = Vec::with_capacity(n);
         if n > 0 {

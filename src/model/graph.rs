@@ -45,9 +45,10 @@ impl WeightLayout {
     }
     pub fn parse(s: &str) -> Option<WeightLayout> {
         match s {
-            "LinearInOut" => Some(WeightLayout::LinearInOut),
-            "LinearOutIn" => Some(WeightLayout::LinearOutIn),
-            "ConvOIHW" => Some(WeightLayout::ConvOIHW),
+            // The exporter's manifest spelling, and the Rust names.
+            "linear_in_out" | "LinearInOut" => Some(WeightLayout::LinearInOut),
+            "linear_out_in" | "LinearOutIn" => Some(WeightLayout::LinearOutIn),
+            "conv_oihw" | "ConvOIHW" => Some(WeightLayout::ConvOIHW),
             _ => None,
         }
     }
@@ -328,12 +329,20 @@ impl OnnxGraph {
 
     fn apply_manifest(&mut self, manifest: &Path) -> Result<()> {
         let text = std::fs::read_to_string(manifest).map_err(|e| Error::io(manifest, e))?;
-        let entries: Vec<ManifestEntry> = serde_json::from_str(&text).map_err(|e| {
+        // The exporter writes {"format": 1, "modules": [...]}; a bare list is accepted too.
+        let not_manifest = |e: &dyn std::fmt::Display| {
             Error::invalid_model(format!(
                 "{}: not a LoRA target manifest: {e}",
                 manifest.display()
             ))
-        })?;
+        };
+        let mut value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| not_manifest(&e))?;
+        if let Some(modules) = value.get_mut("modules") {
+            value = modules.take();
+        }
+        let entries: Vec<ManifestEntry> =
+            serde_json::from_value(value).map_err(|e| not_manifest(&e))?;
         for e in entries {
             let bad = |why: String| {
                 Error::invalid_model(format!(

@@ -15,7 +15,9 @@ use ort::value::{DynValue, Tensor};
 
 use super::{BusyGuard, Pipeline};
 use crate::error::{Error, ErrorCode, Result};
-use crate::lora::{merged_overrides, Component, LoraFile, MergeOptions, ModelGraphs, OverrideData, Resolution};
+use crate::lora::{
+    merged_overrides, Component, LoraFile, MergeOptions, ModelGraphs, OverrideData, Resolution,
+};
 use crate::runtime::session::Graph;
 
 /// How LoRAs reach the model.
@@ -53,7 +55,11 @@ impl Lora {
     pub fn info(&self, key: &str) -> Option<String> {
         let f = &self.0;
         let ranks: BTreeSet<usize> = f.modules.values().filter_map(|m| m.rank).collect();
-        let alphas: BTreeSet<String> = f.modules.values().map(|m| m.alpha.map_or("none".into(), |a| a.to_string())).collect();
+        let alphas: BTreeSet<String> = f
+            .modules
+            .values()
+            .map(|m| m.alpha.map_or("none".into(), |a| a.to_string()))
+            .collect();
         let join = |v: Vec<String>| v.join(",");
         Some(match key {
             "path" => f.path.display().to_string(),
@@ -66,7 +72,8 @@ impl Lora {
         })
     }
 
-    pub const INFO_KEYS: &'static [&'static str] = &["path", "format", "dialect", "modules", "rank", "alpha"];
+    pub const INFO_KEYS: &'static [&'static str] =
+        &["path", "format", "dialect", "modules", "rank", "alpha"];
 }
 
 /// What a pipeline has applied.
@@ -93,11 +100,22 @@ impl LoraState {
 
 fn value(o: &crate::lora::InitializerOverride) -> Result<DynValue> {
     let shape = IxDyn(&o.dims);
-    let bad = |e: ndarray::ShapeError| Error::invalid_lora(format!("override '{}' {:?}: {e}", o.name, o.dims));
+    let bad = |e: ndarray::ShapeError| {
+        Error::invalid_lora(format!("override '{}' {:?}: {e}", o.name, o.dims))
+    };
     Ok(match &o.data {
-        OverrideData::F32(v) => Tensor::from_array(ArrayD::from_shape_vec(shape, v.clone()).map_err(bad)?)?.into_dyn(),
-        OverrideData::F16(v) => Tensor::from_array(ArrayD::from_shape_vec(shape, v.clone()).map_err(bad)?)?.into_dyn(),
-        OverrideData::BF16(_) => return Err(Error::unsupported(format!("bfloat16 initializer '{}' cannot be overridden yet", o.name))),
+        OverrideData::F32(v) => {
+            Tensor::from_array(ArrayD::from_shape_vec(shape, v.clone()).map_err(bad)?)?.into_dyn()
+        }
+        OverrideData::F16(v) => {
+            Tensor::from_array(ArrayD::from_shape_vec(shape, v.clone()).map_err(bad)?)?.into_dyn()
+        }
+        OverrideData::BF16(_) => {
+            return Err(Error::unsupported(format!(
+                "bfloat16 initializer '{}' cannot be overridden yet",
+                o.name
+            )))
+        }
     })
 }
 
@@ -121,7 +139,10 @@ impl Pipeline {
                 inner.folder.graph("unet").display()
             )));
         }
-        let identity: Vec<(usize, u32)> = loras.iter().map(|(l, m)| (Arc::as_ptr(&l.0) as usize, m.to_bits())).collect();
+        let identity: Vec<(usize, u32)> = loras
+            .iter()
+            .map(|(l, m)| (Arc::as_ptr(&l.0) as usize, m.to_bits()))
+            .collect();
         let mut state = inner.lora.lock();
         let graphs = match &state.graphs {
             Some(g) => g.clone(),
@@ -132,10 +153,19 @@ impl Pipeline {
             }
         };
         let files: Vec<(&LoraFile, f32)> = loras.iter().map(|(l, m)| (&*l.0, *m)).collect();
-        let merged = merged_overrides(&graphs, &files, MergeOptions { strict: !inner.allow_partial_lora })?;
+        let merged = merged_overrides(
+            &graphs,
+            &files,
+            MergeOptions {
+                strict: !inner.allow_partial_lora,
+            },
+        )?;
         for r in &merged.resolutions {
             for (key, why) in &r.unmatched {
-                inner.runtime.logger().warn(&format!("{}: LoRA key '{key}' not applied: {why}", r.file.display()));
+                inner.runtime.logger().warn(&format!(
+                    "{}: LoRA key '{key}' not applied: {why}",
+                    r.file.display()
+                ));
             }
         }
         if state.applied == identity && state.mode == Some(mode) {
@@ -143,7 +173,10 @@ impl Pipeline {
         }
         let mut by_component: BTreeMap<Component, Vec<(String, DynValue)>> = BTreeMap::new();
         for ((comp, name), o) in &merged.overrides {
-            by_component.entry(*comp).or_default().push((name.clone(), value(o)?));
+            by_component
+                .entry(*comp)
+                .or_default()
+                .push((name.clone(), value(o)?));
         }
         let now: BTreeSet<Component> = by_component.keys().copied().collect();
         let rebuild: BTreeSet<Component> = now.union(&state.touched).copied().collect();
@@ -152,7 +185,10 @@ impl Pipeline {
         for comp in &rebuild {
             let path = inner.folder.graph(comp.folder());
             let inits = by_component.remove(comp).unwrap_or_default();
-            built.push((*comp, Graph::load_with_initializers(&inner.runtime, comp.folder(), &path, inits)?));
+            built.push((
+                *comp,
+                Graph::load_with_initializers(&inner.runtime, comp.folder(), &path, inits)?,
+            ));
         }
         let mut models = inner.models.lock();
         for (comp, g) in built {
@@ -160,7 +196,12 @@ impl Pipeline {
                 Component::Unet => models.unet = g,
                 Component::TextEncoder => models.text.te1.graph = g,
                 Component::TextEncoder2 => {
-                    let te2 = models.text.te2.as_mut().ok_or_else(|| Error::new(ErrorCode::InvalidLora, "LoRA targets text_encoder_2, which this model lacks"))?;
+                    let te2 = models.text.te2.as_mut().ok_or_else(|| {
+                        Error::new(
+                            ErrorCode::InvalidLora,
+                            "LoRA targets text_encoder_2, which this model lacks",
+                        )
+                    })?;
                     te2.graph = g;
                 }
             }
@@ -168,11 +209,21 @@ impl Pipeline {
         state.applied = identity;
         state.mode = Some(mode);
         state.touched = now;
-        inner.runtime.logger().info(&format!("applied {} LoRA(s) in merge mode; rebuilt {} session(s)", loras.len(), rebuild.len()));
+        inner.runtime.logger().info(&format!(
+            "applied {} LoRA(s) in merge mode; rebuilt {} session(s)",
+            loras.len(),
+            rebuild.len()
+        ));
         Ok(merged.resolutions)
     }
 
     fn has_lora_slots(&self) -> bool {
-        self.inner.models.lock().unet.inputs.iter().any(|i| i.name.starts_with("lora."))
+        self.inner
+            .models
+            .lock()
+            .unet
+            .inputs
+            .iter()
+            .any(|i| i.name.starts_with("lora."))
     }
 }

@@ -92,12 +92,16 @@ impl Runtime {
     }
 
     pub(crate) fn note_session_built(&self) {
-        self.inner.sessions_built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .sessions_built
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Number of ONNX Runtime sessions this runtime has built.
     pub fn sessions_built(&self) -> usize {
-        self.inner.sessions_built.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner
+            .sessions_built
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A session builder with the active providers and thread settings applied.

@@ -127,7 +127,12 @@ impl Graph {
     /// Like [`Graph::load`], with initializers replaced by the given values
     /// (ONNX Runtime's `AddInitializer`): how merged LoRA weights reach a session
     /// without rewriting the model file.
-    pub fn load_with_initializers(rt: &Runtime, component: &str, path: &Path, initializers: Vec<(String, DynValue)>) -> Result<Graph> {
+    pub fn load_with_initializers(
+        rt: &Runtime,
+        component: &str,
+        path: &Path,
+        initializers: Vec<(String, DynValue)>,
+    ) -> Result<Graph> {
         if !path.is_file() {
             return Err(Error::invalid_model(format!(
                 "{component}: missing graph file {}",
@@ -137,7 +142,10 @@ impl Graph {
         let mut builder = rt.session_builder()?;
         for (name, value) in initializers {
             builder = builder.with_initializer(&name, value).map_err(|e| {
-                Error::new(ErrorCode::Ort, format!("{component}: cannot override initializer '{name}': {e}"))
+                Error::new(
+                    ErrorCode::Ort,
+                    format!("{component}: cannot override initializer '{name}': {e}"),
+                )
             })?;
         }
         rt.note_session_built();

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ndarray::ArrayD;
+use spo_runtime::pipeline::JobSpec;
 use spo_runtime::{Options, Runtime};
 
 pub fn root() -> PathBuf {
@@ -56,4 +57,40 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
         .fold(0.0, f32::max);
     let m = b.iter().map(|v| v.abs()).fold(0.0, f32::max);
     (d, m)
+}
+
+/// The job of a golden case (see onnx/DESIGN.md): explicit initial latents and
+/// per-step noise, so no RNG parity is involved.
+pub fn spec_for(dir: &std::path::Path, c: &serde_json::Value) -> JobSpec {
+    let mut s = JobSpec {
+        prompt: c["prompt"].as_str().unwrap().to_owned(),
+        negative_prompt: c["negative_prompt"].as_str().map(str::to_owned),
+        width: Some(c["width"].as_u64().unwrap() as usize),
+        height: Some(c["height"].as_u64().unwrap() as usize),
+        steps: c["steps"].as_u64().unwrap() as usize,
+        guidance: c["guidance"].as_f64().unwrap(),
+        guidance_rescale: c["guidance_rescale"].as_f64().unwrap_or(0.0),
+        scheduler: c["scheduler"].as_str().unwrap().to_owned(),
+        eta: c["eta"].as_f64().unwrap_or(0.0),
+        ..JobSpec::default()
+    };
+    s.init_latents = Some(
+        read_npy(&dir.join(c["init_latents"].as_str().unwrap()))
+            .iter()
+            .copied()
+            .collect(),
+    );
+    if let Some(n) = c["noise"].as_str() {
+        let a = read_npy(&dir.join(n));
+        s.step_noise = Some(
+            a.outer_iter()
+                .map(|x| x.iter().copied().collect())
+                .collect(),
+        );
+    }
+    if let Some(img) = c["init_image"].as_str() {
+        s.init_image = Some(dir.join(img));
+        s.strength = c["strength"].as_f64().unwrap();
+    }
+    s
 }

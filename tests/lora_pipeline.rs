@@ -1,0 +1,130 @@
+//! LoRA through the whole pipeline against diffusers' fused-LoRA goldens
+//! (onnx/spo_onnx/lora_goldens.py: `load_lora_weights` + `fuse_lora`, then the
+//! torch pipeline). Each LoRA is checked in all three key forms (PEFT, kohya
+//! diffusers-flat, kohya SGM), at multipliers 1.0 and 0.5 and two at once, on
+//! UNet and text encoders. Tolerance: 1e-4 x max(1, |golden|max) on the final
+//! latents, as for the base pipeline.
+//!
+//! On tiny-sdxl, whose UNet session takes ~40 s to build on this machine, the
+//! first entry is checked in every key form and the others in the kohya
+//! diffusers-flat form only; tiny-sd15 checks every entry in every form.
+
+mod common;
+
+use common::*;
+use spo_runtime::pipeline::{Lora, LoraMode, Pipeline};
+use spo_runtime::{ErrorCode, Options};
+
+const LATENT_TOL: f32 = 1e-4;
+
+fn run_case(p: &Pipeline, dir: &std::path::Path, case: &serde_json::Value) -> ndarray::ArrayD<f32> {
+    let mut job = p.job(spec_for(dir, case)).unwrap();
+    job.run().unwrap();
+    job.latents().unwrap()
+}
+
+fn check_model(model: &str, all_forms_for_every_entry: bool) {
+    let p = Pipeline::load(&runtime(), &fixture(model), &Options::new()).unwrap();
+    let gdir = fixture(&format!("goldens/{model}"));
+    let index = read_json(&gdir.join("index.json"));
+    let entries = index["lora"].as_array().unwrap();
+    assert!(!entries.is_empty(), "{model}: no LoRA goldens");
+    let mut failures = Vec::new();
+    let mut worst = 0f32;
+    for (i, e) in entries.iter().enumerate() {
+        let name = e["name"].as_str().unwrap();
+        let mults: Vec<f32> = serde_json::from_value(e["multipliers"].clone()).unwrap();
+        let want = read_npy(&gdir.join(e["latents"].as_str().unwrap()));
+        for (form, files) in e["files"].as_object().unwrap() {
+            // A form the exporter could not write for this model (kohya SGM names
+            // exist for SDXL only) is null.
+            if files.is_null()
+                || files.as_array().unwrap().iter().any(|f| f.is_null())
+                || (!all_forms_for_every_entry && i > 0 && form != "kohya_flat")
+            {
+                continue;
+            }
+            let loras: Vec<(Lora, f32)> = files
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(&mults)
+                .map(|(f, m)| (Lora::open(&fixture(f.as_str().unwrap())).unwrap(), *m))
+                .collect();
+            let res = p
+                .set_loras(&loras, LoraMode::Merge)
+                .unwrap_or_else(|e| panic!("{model} {name} {form}: {e}"));
+            assert!(
+                res.iter().all(|r| r.unmatched.is_empty()),
+                "{model} {name} {form}: unmatched keys"
+            );
+            assert_eq!(p.info("lora.mode").as_deref(), Some("merge"));
+            let got = run_case(&p, &gdir, &e["case"]);
+            let (d, m) = max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap());
+            worst = worst.max(d / m.max(1.0));
+            if d > LATENT_TOL * m.max(1.0) {
+                failures.push(format!("{name} [{form}]: max diff {d:.2e}"));
+            }
+        }
+    }
+    // Removing every LoRA gives the base model back.
+    p.set_loras(&[], LoraMode::Merge).unwrap();
+    assert_eq!(p.info("lora.mode").as_deref(), Some("none"));
+    let base = read_npy(&gdir.join(entries[0]["base_latents"].as_str().unwrap()));
+    let got = run_case(&p, &gdir, &entries[0]["case"]);
+    let (d, m) = max_abs_diff(got.as_slice().unwrap(), base.as_slice().unwrap());
+    assert!(
+        d <= LATENT_TOL * m.max(1.0),
+        "{model}: base after removing LoRAs off by {d}"
+    );
+    eprintln!(
+        "{model}: {} LoRA goldens x 3 forms, worst relative latent diff {worst:.2e}",
+        entries.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{model} LoRA cases off the diffusers goldens:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn tiny_sdxl_lora_matches_diffusers_fuse() {
+    check_model("tiny-sdxl", false);
+}
+
+#[test]
+fn tiny_sd15_lora_matches_diffusers_fuse() {
+    check_model("tiny-sd15", true);
+}
+
+/// The same list again rebuilds nothing; a different multiplier rebuilds only
+/// the components the LoRA touches (lora_b is UNet-only).
+#[test]
+fn unchanged_set_rebuilds_nothing() {
+    let rt = runtime();
+    let p = Pipeline::load(&rt, &fixture("tiny-sd15"), &Options::new()).unwrap();
+    let b = Lora::open(&fixture("lora/tiny-sd15/lora_b/kohya_flat.safetensors")).unwrap();
+    let n0 = rt.sessions_built();
+    p.set_loras(&[(b.clone(), 1.0)], LoraMode::Auto).unwrap();
+    let n1 = rt.sessions_built();
+    assert_eq!(n1 - n0, 1, "a UNet-only LoRA rebuilds the UNet alone");
+    p.set_loras(&[(b.clone(), 1.0)], LoraMode::Merge).unwrap();
+    assert_eq!(rt.sessions_built(), n1, "the same list must not rebuild");
+    p.set_loras(&[(b, 0.5)], LoraMode::Merge).unwrap();
+    assert_eq!(rt.sessions_built() - n1, 1);
+}
+
+/// A LoRA for another model is refused with a message naming the file, and the
+/// pipeline keeps working with what it had.
+#[test]
+fn wrong_model_lora_is_refused() {
+    let p = Pipeline::load(&runtime(), &fixture("tiny-sdxl"), &Options::new()).unwrap();
+    let sd15 = Lora::open(&fixture("lora/tiny-sd15/lora_a/kohya_flat.safetensors")).unwrap();
+    let e = p.set_loras(&[(sd15, 1.0)], LoraMode::Merge).unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidLora, "{e}");
+    assert!(e.message.contains("kohya_flat.safetensors"), "{e}");
+    assert_eq!(p.info("lora.mode").as_deref(), Some("none"));
+    let e = p.set_loras(&[], LoraMode::Slots).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Unsupported, "{e}");
+}
