@@ -17,6 +17,8 @@ pub struct Conditioning {
     pub text_embeds: Option<ArrayD<f32>>,
     pub time_ids: Option<ArrayD<f32>>,
     pub cfg: bool,
+    /// LoRA slot inputs (hot-swap mode), fed unchanged to every UNet call.
+    pub lora_slots: std::sync::Arc<Vec<(String, ArrayD<f32>)>>,
 }
 
 /// Repeats `x` (shape [1, ...]) `n` times along the batch axis.
@@ -85,6 +87,7 @@ pub fn predict_noise(
                     sl(&cond.encoder_hidden_states),
                     cond.text_embeds.as_ref().map(sl),
                     cond.time_ids.as_ref().map(sl),
+                    &cond.lora_slots,
                     run_options,
                 )?);
             }
@@ -97,6 +100,7 @@ pub fn predict_noise(
             cond.encoder_hidden_states.clone(),
             cond.text_embeds.clone(),
             cond.time_ids.clone(),
+            &cond.lora_slots,
             run_options,
         )?,
     };
@@ -113,6 +117,7 @@ pub fn predict_noise(
     Ok(guided)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn unet_call(
     unet: &mut Graph,
     sample: ArrayD<f32>,
@@ -120,6 +125,7 @@ fn unet_call(
     ehs: ArrayD<f32>,
     text_embeds: Option<ArrayD<f32>>,
     time_ids: Option<ArrayD<f32>>,
+    lora_slots: &[(String, ArrayD<f32>)],
     run_options: &RunOptions,
 ) -> Result<ArrayD<f32>> {
     let batch = sample.shape()[0];
@@ -133,6 +139,9 @@ fn unet_call(
     }
     if let Some(ti) = time_ids {
         inputs.push(("time_ids", Input::F32(ti)));
+    }
+    for (name, v) in lora_slots {
+        inputs.push((name.as_str(), Input::F32(v.clone())));
     }
     Ok(unet
         .run(inputs, &["out_sample"], Some(run_options))?

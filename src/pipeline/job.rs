@@ -472,6 +472,7 @@ impl Job {
             text_embeds,
             time_ids,
             cfg,
+            lora_slots: inner.lora.lock().slot_inputs.clone(),
         });
         let n: usize = self.shape.iter().product();
         let noise = match &spec.init_latents {

@@ -86,6 +86,8 @@ pub(crate) struct LoraState {
     touched: BTreeSet<Component>,
     /// The parsed graphs, read once on first use.
     graphs: Option<Arc<ModelGraphs>>,
+    /// Slots mode: the UNet's `lora.<module>.down/.up` inputs to feed each call.
+    pub slot_inputs: Arc<Vec<(String, ArrayD<f32>)>>,
 }
 
 impl LoraState {
@@ -133,7 +135,7 @@ impl Pipeline {
             LoraMode::Auto => LoraMode::Merge,
             m => m,
         };
-        if mode == LoraMode::Slots {
+        if mode == LoraMode::Slots && !self.has_lora_slots() {
             return Err(Error::unsupported(format!(
                 "slots mode needs a UNet exported with --lora-slots; {} has no lora.* inputs",
                 inner.folder.graph("unet").display()
@@ -153,6 +155,31 @@ impl Pipeline {
             }
         };
         let files: Vec<(&LoraFile, f32)> = loras.iter().map(|(l, m)| (&*l.0, *m)).collect();
+        if mode == LoraMode::Slots {
+            let (inputs, resolutions) = self.slot_inputs(&graphs, &files)?;
+            // Sessions that carried merged weights go back to the plain graph.
+            let mut models = inner.models.lock();
+            for comp in std::mem::take(&mut state.touched) {
+                let g = Graph::load(
+                    &inner.runtime,
+                    comp.folder(),
+                    &inner.folder.graph(comp.folder()),
+                )?;
+                match comp {
+                    Component::Unet => models.unet = g,
+                    Component::TextEncoder => models.text.te1.graph = g,
+                    Component::TextEncoder2 => {
+                        if let Some(t) = models.text.te2.as_mut() {
+                            t.graph = g
+                        }
+                    }
+                }
+            }
+            state.slot_inputs = Arc::new(inputs);
+            state.applied = identity;
+            state.mode = Some(mode);
+            return Ok(resolutions);
+        }
         let merged = merged_overrides(
             &graphs,
             &files,
@@ -209,6 +236,8 @@ impl Pipeline {
         state.applied = identity;
         state.mode = Some(mode);
         state.touched = now;
+        state.slot_inputs = Arc::new(Vec::new());
+        state.slot_inputs = Arc::new(Vec::new());
         inner.runtime.logger().info(&format!(
             "applied {} LoRA(s) in merge mode; rebuilt {} session(s)",
             loras.len(),
@@ -222,8 +251,95 @@ impl Pipeline {
             .models
             .lock()
             .unet
-            .inputs
+            .optional_inputs
             .iter()
             .any(|i| i.name.starts_with("lora."))
+    }
+
+    /// The slot inputs for `files`: per slotted module, `down` [r, in] and
+    /// `up` [out, r] with `multiplier * alpha / rank` folded into `up`; several
+    /// LoRAs on one module are concatenated along the rank axis. Modules that
+    /// have no slot (text encoders, resnets) or kinds that are not plain
+    /// low-rank (LoHa, LoKr, DoRA, Tucker LoCon) are refused: use merge mode.
+    fn slot_inputs(
+        &self,
+        graphs: &ModelGraphs,
+        files: &[(&LoraFile, f32)],
+    ) -> Result<(Vec<(String, ArrayD<f32>)>, Vec<Resolution>)> {
+        let models = self.inner.models.lock();
+        let slots: BTreeSet<&str> = models
+            .unet
+            .optional_inputs
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect();
+        let mut per_slot: BTreeMap<String, (Vec<ArrayD<f32>>, Vec<ArrayD<f32>>)> = BTreeMap::new();
+        let mut resolutions = Vec::new();
+        for (file, mult) in files {
+            let res = crate::lora::resolve(file, &graphs.targets);
+            let res = if self.inner.allow_partial_lora {
+                res
+            } else {
+                res.into_strict()?
+            };
+            for m in &res.matched {
+                let refuse = |why: &str| {
+                    Error::invalid_lora(format!(
+                        "{}: '{}' ({} {}) {why}; use merge mode",
+                        file.path.display(),
+                        m.key,
+                        m.component.folder(),
+                        m.module
+                    ))
+                };
+                let down_name = format!("lora.{}.down", m.module);
+                if m.component != Component::Unet || !slots.contains(down_name.as_str()) {
+                    return Err(refuse("has no LoRA slot in this UNet"));
+                }
+                let module = &file.modules[&m.key];
+                let (down, up) = match (&module.kind, &module.dora_scale) {
+                    (
+                        crate::lora::LoraKind::Lora {
+                            down,
+                            up,
+                            mid: None,
+                        },
+                        None,
+                    ) => (down, up),
+                    _ => {
+                        return Err(refuse(&format!(
+                            "is a {} module, which slots cannot express",
+                            m.kind
+                        )))
+                    }
+                };
+                let r = down.shape[0];
+                let inn = down.data.len() / r.max(1);
+                let out = up.shape[0];
+                let scale = mult * module.scale();
+                let d = ArrayD::from_shape_vec(IxDyn(&[r, inn]), down.data.clone())
+                    .map_err(|e| refuse(&e.to_string()))?;
+                let u = ArrayD::from_shape_vec(
+                    IxDyn(&[out, r]),
+                    up.data.iter().map(|v| v * scale).collect(),
+                )
+                .map_err(|e| refuse(&e.to_string()))?;
+                let e = per_slot.entry(m.module.clone()).or_default();
+                e.0.push(d);
+                e.1.push(u);
+            }
+            resolutions.push(res);
+        }
+        let mut inputs = Vec::new();
+        for (module, (downs, ups)) in per_slot {
+            let cat = |parts: &[ArrayD<f32>], axis| {
+                let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+                ndarray::concatenate(ndarray::Axis(axis), &views)
+                    .map_err(|e| Error::invalid_lora(format!("LoRA slot {module}: {e}")))
+            };
+            inputs.push((format!("lora.{module}.down"), cat(&downs, 0)?));
+            inputs.push((format!("lora.{module}.up"), cat(&ups, 1)?));
+        }
+        Ok((inputs, resolutions))
     }
 }

@@ -90,6 +90,8 @@ pub struct Graph {
     pub component: String,
     pub path: PathBuf,
     pub inputs: Vec<IoSpec>,
+    /// Initializers that may be fed as inputs (e.g. LoRA slots with zero defaults).
+    pub optional_inputs: Vec<IoSpec>,
     pub outputs: Vec<IoSpec>,
     session: Session,
 }
@@ -160,6 +162,11 @@ impl Graph {
             .iter()
             .map(|o| io_spec(o.name(), o.dtype(), path))
             .collect::<Result<_>>()?;
+        let optional_inputs = session
+            .overridable_initializers()
+            .iter()
+            .filter_map(|o| io_spec(o.name(), o.dtype(), path).ok())
+            .collect();
         let outputs = session
             .outputs()
             .iter()
@@ -169,13 +176,17 @@ impl Graph {
             component: component.to_owned(),
             path: path.to_owned(),
             inputs,
+            optional_inputs,
             outputs,
             session,
         })
     }
 
     pub fn input(&self, name: &str) -> Option<&IoSpec> {
-        self.inputs.iter().find(|i| i.name == name)
+        self.inputs
+            .iter()
+            .chain(&self.optional_inputs)
+            .find(|i| i.name == name)
     }
 
     pub fn output(&self, name: &str) -> Option<&IoSpec> {
