@@ -141,6 +141,28 @@ def save_onnx(model, path, external=None):
         onnx.save_model(model, path)
 
 
+def to_fp16(model, keep_io=(), block_prefixes=()):
+    """fp32 graph -> fp16 (onnxruntime.transformers.float16: initializers keep
+    their names). Inputs/outputs in `keep_io` stay fp32, and nodes whose name
+    starts with one of `block_prefixes` keep computing in fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    blocked = [n.name for n in model.graph.node if any(n.name.startswith(p) for p in block_prefixes)]
+    # Resize's roi/scales must stay float32: keep the nodes producing them
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type == "Resize":
+            for i in n.input[1:]:
+                if i in producers:
+                    blocked.append(producers[i].name)
+    return convert_float_to_float16(
+        model,
+        keep_io_types=list(keep_io) if keep_io else False,
+        disable_shape_infer=True,
+        node_block_list=blocked or None,
+    )
+
+
 def _patch_forward(module, fn):
     """Replaces module.forward on the instance: the module stays the traced root,
     so node scopes and initializer names keep their diffusers paths (no wrapper
@@ -151,8 +173,8 @@ def _patch_forward(module, fn):
 # --------------------------------------------------------------------------- text encoders
 
 
-def export_text_encoder(te, out_dir, with_projection, opset, dynamo, batch, static):
-    te = te.eval()
+def export_text_encoder(te, out_dir, with_projection, opset, dynamo, batch, static, fp16=False):
+    te = te.eval().to(torch.float32)
     n_layers = te.config.num_hidden_layers
     orig_forward = te.forward
 
@@ -182,6 +204,8 @@ def export_text_encoder(te, out_dir, with_projection, opset, dynamo, batch, stat
             import onnx
 
             m = onnx.load(p)
+        if fp16:
+            m = to_fp16(m)
         save_onnx(m, os.path.join(out_dir, "model.onnx"))
     finally:
         del te.forward
@@ -232,7 +256,11 @@ def slot_input_names(path):
 def export_unet(unet, out_dir, sdxl, dtype, opset, dynamo, batch, static_hw, lora_slots, text_embeds_dim=None, trace_hw=None):
     from diffusers.models.attention_processor import AttnProcessor
 
-    unet = unet.eval()
+    # traced in fp32; fp16 is a conversion of the fp32 graph (CPU fp16 tracing
+    # is slow and mixes dtypes). The timestep projection stays fp32 as in diffusers.
+    out_dtype = dtype
+    dtype = torch.float32
+    unet = unet.eval().to(torch.float32)
     unet.set_attn_processor(AttnProcessor())
     cfg = unet.config
     cross = cfg.cross_attention_dim
@@ -305,6 +333,9 @@ def export_unet(unet, out_dir, sdxl, dtype, opset, dynamo, batch, static_hw, lor
         del unet.forward
         _uninstall_slots(slot_mods)
 
+    if out_dtype == torch.float16:
+        m = to_fp16(m, keep_io=["timestep"], block_prefixes=["/time_proj/"])
+    dtype = out_dtype
     targets = lora_targets(unet, m, dtype)
     if slots:
         # zero defaults: an initializer with the same name as a graph input is
@@ -422,7 +453,9 @@ def lora_targets(unet, model, dtype):
 def export_vae(vae, out_root, dtype, opset, dynamo, batch, static_hw):
     import onnx
 
-    vae = vae.eval()
+    out_dtype = dtype
+    dtype = torch.float32
+    vae = vae.eval().to(torch.float32)
     cfg = vae.config
     h, w = static_hw or (64, 64)
     factor = 2 ** (len(cfg.block_out_channels) - 1)
@@ -452,6 +485,8 @@ def export_vae(vae, out_root, dtype, opset, dynamo, batch, static_hw):
                 with torch.no_grad():
                     _export(vae, (x,), p, [iname], [oname], axes, opset, dynamo)
                 m = onnx.load(p)
+            if out_dtype == torch.float16:
+                m = to_fp16(m)
         finally:
             del vae.forward
         out_dir = os.path.join(out_root, name)
@@ -536,17 +571,17 @@ def export_pipeline(
 
     b = batch or 1
     if "text_encoder" in components:
-        export_text_encoder(pipe.text_encoder.to(dt), os.path.join(out, "text_encoder"), False, opset, dynamo, b, static_hw is not None)
+        export_text_encoder(pipe.text_encoder, os.path.join(out, "text_encoder"), False, opset, dynamo, b, static_hw is not None, fp16)
         print(f"text_encoder done ({time.time() - t0:.1f}s)", file=sys.stderr)
     if sdxl and "text_encoder_2" in components:
-        export_text_encoder(pipe.text_encoder_2.to(dt), os.path.join(out, "text_encoder_2"), True, opset, dynamo, b, static_hw is not None)
+        export_text_encoder(pipe.text_encoder_2, os.path.join(out, "text_encoder_2"), True, opset, dynamo, b, static_hw is not None, fp16)
         print(f"text_encoder_2 done ({time.time() - t0:.1f}s)", file=sys.stderr)
     if "unet" in components:
         te_dim = pipe.text_encoder_2.config.projection_dim if sdxl else None
-        export_unet(pipe.unet.to(dt), os.path.join(out, "unet"), sdxl, dt, opset, dynamo, batch or 2, static_hw, lora_slots, te_dim)
+        export_unet(pipe.unet, os.path.join(out, "unet"), sdxl, dt, opset, dynamo, batch or 2, static_hw, lora_slots, te_dim)
         print(f"unet done ({time.time() - t0:.1f}s)", file=sys.stderr)
     if "vae" in components:
-        export_vae(pipe.vae.to(vdt), out, vdt, opset, dynamo, b, static_hw)
+        export_vae(pipe.vae, out, vdt, opset, dynamo, b, static_hw)
         print(f"vae done ({time.time() - t0:.1f}s)", file=sys.stderr)
     return pipe
 

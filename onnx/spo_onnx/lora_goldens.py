@@ -59,9 +59,36 @@ def make_lora(pipe, seed, rank, alpha, with_te):
     for i, (name, model, targets) in enumerate(comps):
         cfg = _add_adapter(model, targets, rank, alpha, seed + i)
         layers[name] = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-        metas[name] = cfg.to_dict()
+        metas[name] = clean_meta(cfg.to_dict())
         model.delete_adapters("default") if hasattr(model, "delete_adapters") else None
     return layers, metas
+
+
+def clean_meta(meta):
+    """Deterministic adapter metadata: sorted target modules (a set in peft),
+    no local paths."""
+    meta = dict(meta)
+    meta["target_modules"] = sorted(meta["target_modules"])
+    meta["base_model_name_or_path"] = None
+    return meta
+
+
+def sanitize_peft_file(path):
+    """Rewrites the lora_adapter_metadata of a saved peft file with clean_meta."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    m = json.loads(meta["lora_adapter_metadata"])
+    for k in list(m):
+        if k.endswith(".target_modules"):
+            m[k] = sorted(m[k])
+        if k.endswith(".base_model_name_or_path"):
+            m[k] = None
+    meta["lora_adapter_metadata"] = json.dumps(m, indent=2, sort_keys=True)
+    save_file(tensors, path, metadata=meta)
 
 
 # SGM names (SDXL): diffusers attention blocks -> kohya "original" UNet blocks
