@@ -76,6 +76,12 @@ impl Lora {
         &["path", "format", "dialect", "modules", "rank", "alpha"];
 }
 
+/// Named UNet inputs (LoRA slot tensors).
+pub type SlotInputs = Vec<(String, ArrayD<f32>)>;
+
+/// Per slotted module: the `down` and `up` factors of each LoRA on it.
+type SlotFactors = BTreeMap<String, (Vec<ArrayD<f32>>, Vec<ArrayD<f32>>)>;
+
 /// What a pipeline has applied.
 #[derive(Default)]
 pub(crate) struct LoraState {
@@ -87,7 +93,7 @@ pub(crate) struct LoraState {
     /// The parsed graphs, read once on first use.
     graphs: Option<Arc<ModelGraphs>>,
     /// Slots mode: the UNet's `lora.<module>.down/.up` inputs to feed each call.
-    pub slot_inputs: Arc<Vec<(String, ArrayD<f32>)>>,
+    pub slot_inputs: Arc<SlotInputs>,
 }
 
 impl LoraState {
@@ -265,7 +271,7 @@ impl Pipeline {
         &self,
         graphs: &ModelGraphs,
         files: &[(&LoraFile, f32)],
-    ) -> Result<(Vec<(String, ArrayD<f32>)>, Vec<Resolution>)> {
+    ) -> Result<(SlotInputs, Vec<Resolution>)> {
         let models = self.inner.models.lock();
         let slots: BTreeSet<&str> = models
             .unet
@@ -273,7 +279,7 @@ impl Pipeline {
             .iter()
             .map(|i| i.name.as_str())
             .collect();
-        let mut per_slot: BTreeMap<String, (Vec<ArrayD<f32>>, Vec<ArrayD<f32>>)> = BTreeMap::new();
+        let mut per_slot: SlotFactors = BTreeMap::new();
         let mut resolutions = Vec::new();
         for (file, mult) in files {
             let res = crate::lora::resolve(file, &graphs.targets);
