@@ -236,6 +236,9 @@ struct PeftAlpha {
     r: Option<usize>,
     rslora: bool,
     alpha_pattern: Vec<(String, f32)>,
+    /// diffusers' `lora_adapter_metadata` prefixes each component's config
+    /// (`unet.lora_alpha`, `text_encoder.r`, ...): one entry per prefix.
+    scoped: Vec<(String, PeftAlpha)>,
 }
 
 impl PeftAlpha {
@@ -251,7 +254,26 @@ impl PeftAlpha {
                 .and_then(|a| a.as_bool())
                 .unwrap_or(false),
             alpha_pattern: Vec::new(),
+            scoped: Vec::new(),
         };
+        if let Some(obj) = v.as_object() {
+            let mut groups: BTreeMap<&str, serde_json::Map<String, serde_json::Value>> =
+                BTreeMap::new();
+            for (k, val) in obj {
+                if let Some((prefix, rest)) = k.split_once('.') {
+                    groups
+                        .entry(prefix)
+                        .or_default()
+                        .insert(rest.to_owned(), val.clone());
+                }
+            }
+            for (prefix, sub) in groups {
+                let sub = PeftAlpha::from_json(&serde_json::Value::Object(sub));
+                if sub.lora_alpha.is_some() {
+                    p.scoped.push((prefix.to_owned(), sub));
+                }
+            }
+        }
         if let Some(m) = v.get("alpha_pattern").and_then(|a| a.as_object()) {
             for (k, a) in m {
                 if let Some(a) = a.as_f64() {
@@ -263,6 +285,14 @@ impl PeftAlpha {
     }
     /// Alpha for `stem` with tensor rank `rank`, such that alpha / rank is PEFT's scale.
     fn alpha_for(&self, stem: &str, rank: usize) -> Option<f32> {
+        for (prefix, sub) in &self.scoped {
+            if let Some(rest) = stem
+                .strip_prefix(prefix.as_str())
+                .and_then(|r| r.strip_prefix('.'))
+            {
+                return sub.alpha_for(rest, rank);
+            }
+        }
         let a = self
             .alpha_pattern
             .iter()
@@ -340,7 +370,7 @@ impl LoraFile {
         if let Some(md) = metadata.get("lora_adapter_metadata") {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(md) {
                 let m = PeftAlpha::from_json(&v);
-                if m.lora_alpha.is_some() {
+                if m.lora_alpha.is_some() || !m.scoped.is_empty() {
                     peft = m;
                 }
             }
