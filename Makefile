@@ -14,7 +14,7 @@ VALGRIND := valgrind --quiet --error-exitcode=1 --leak-check=full \
 	--errors-for-leak-kinds=definite,indirect --suppressions=$(CURDIR)/tests/c/valgrind.supp
 C_TESTS := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/*.c))
 
-.PHONY: all demo test setup apt ort build lint rust-test c-test py-test symbols header clean broken-models examples
+.PHONY: all demo test setup apt ort build lint rust-test c-test py-test symbols header clean broken-models examples bench
 
 all: build
 
@@ -49,7 +49,12 @@ tests/c/build/example-%: examples/c/%.c examples/c/png_write.h include/spo_runti
 	@mkdir -p tests/c/build
 	$(CC) $(CFLAGS) $< -o $@ $(CLIBS)
 
-examples: $(EXAMPLES)
+tests/c/build/example-cpp-txt2img: examples/cpp/txt2img.cpp bindings/cpp/spo_runtime.hpp include/spo_runtime.h build
+	@mkdir -p tests/c/build
+	$(CXX) -std=c++17 -Wall -Wextra -Werror -g -I$(CURDIR)/include -I$(CURDIR)/bindings/cpp $< -o $@ $(CLIBS)
+
+examples: $(EXAMPLES) tests/c/build/example-cpp-txt2img
+	./tests/c/build/example-cpp-txt2img tests/fixtures/tiny-sd15 "a lighthouse" tests/fixtures/lora/tiny-sd15/lora_b/kohya_flat.safetensors
 	./tests/c/build/example-hello
 	./tests/c/build/example-txt2img tests/fixtures/tiny-sd15 "a lighthouse" tests/c/build/txt2img.png 4
 	@head -c 8 tests/c/build/txt2img.png | od -An -c | grep -q 'P   N   G' || { echo "txt2img did not write a PNG"; exit 1; }
@@ -100,3 +105,8 @@ header:
 clean:
 	$(CARGO) clean
 	rm -rf tests/c/build
+
+## Benchmarks (programs that print ratios measured in the same run; not tests) -------
+bench: build
+	bash scripts/bench.sh --model tests/fixtures/tiny-sd15 --steps 20 --repeats 5
+	bash scripts/bench.sh --model tests/fixtures/tiny-sdxl --steps 20 --repeats 5
