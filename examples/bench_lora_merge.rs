@@ -43,8 +43,8 @@ impl Rng {
 }
 
 fn main() {
-    let mut structure =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora-unit/sdxl_structure.json");
+    let mut structure = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/lora-unit/sdxl_structure.json");
     let mut rank = 64usize;
     let mut repeats = 3usize;
     let mut args = std::env::args().skip(1);
@@ -93,7 +93,10 @@ fn main() {
         .map(|m| {
             let s = mods[m]["shape"].as_array().expect("shape");
             assert_eq!(s.len(), 2, "{m} is not a Linear");
-            (s[0].as_u64().unwrap() as usize, s[1].as_u64().unwrap() as usize)
+            (
+                s[0].as_u64().unwrap() as usize,
+                s[1].as_u64().unwrap() as usize,
+            )
         })
         .collect();
     assert_eq!(names.len(), 560, "expected 560 attention projections");
@@ -112,7 +115,11 @@ fn main() {
         let up = Tensor::new(vec![out, rank], rng.fill(out * rank, 0.05));
         lora_params += rank * (inn + out);
         loras.push(LoraModule {
-            kind: LoraKind::Lora { down, up, mid: None },
+            kind: LoraKind::Lora {
+                down,
+                up,
+                mid: None,
+            },
             alpha: Some(rank as f32),
             rank: Some(rank),
             dora_scale: None,

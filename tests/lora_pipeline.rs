@@ -119,9 +119,10 @@ fn unchanged_set_rebuilds_nothing() {
 /// pipeline keeps working with what it had.
 #[test]
 fn wrong_model_lora_is_refused() {
-    let p = Pipeline::load(&runtime(), &fixture("tiny-sdxl"), &Options::new()).unwrap();
-    let sd15 = Lora::open(&fixture("lora/tiny-sd15/lora_a/kohya_flat.safetensors")).unwrap();
-    let e = p.set_loras(&[(sd15, 1.0)], LoraMode::Merge).unwrap_err();
+    // An SDXL LoRA on SD 1.5 (the tiny SDXL UNet session is slow to build).
+    let p = Pipeline::load(&runtime(), &fixture("tiny-sd15"), &Options::new()).unwrap();
+    let xl = Lora::open(&fixture("lora/tiny-sdxl/lora_a/kohya_flat.safetensors")).unwrap();
+    let e = p.set_loras(&[(xl, 1.0)], LoraMode::Merge).unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidLora, "{e}");
     assert!(e.message.contains("kohya_flat.safetensors"), "{e}");
     assert_eq!(p.info("lora.mode").as_deref(), Some("none"));
