@@ -102,7 +102,13 @@ fn tiny_sd15_lora_matches_diffusers_fuse() {
 /// the components the LoRA touches (lora_b is UNet-only).
 #[test]
 fn unchanged_set_rebuilds_nothing() {
-    let rt = runtime();
+    // Its own runtime: the session counter is per runtime, and the other tests
+    // of this binary build sessions in parallel on the shared one.
+    let rt = spo_runtime::Runtime::new(
+        &Options::from_pairs([("ep", "cpu")]).unwrap(),
+        Default::default(),
+    )
+    .unwrap();
     let p = Pipeline::load(&rt, &fixture("tiny-sd15"), &Options::new()).unwrap();
     let b = Lora::open(&fixture("lora/tiny-sd15/lora_b/kohya_flat.safetensors")).unwrap();
     let n0 = rt.sessions_built();

@@ -37,7 +37,12 @@ fn latents(p: &Pipeline, gdir: &std::path::Path, case: &serde_json::Value) -> nd
 
 #[test]
 fn slots_match_diffusers_and_switch_without_rebuild() {
-    let rt = runtime();
+    // Its own runtime, so the session counter sees only this test.
+    let rt = spo_runtime::Runtime::new(
+        &Options::from_pairs([("ep", "cpu")]).unwrap(),
+        Default::default(),
+    )
+    .unwrap();
     let dir = slots_model();
     let p = Pipeline::load(&rt, &dir, &Options::new()).unwrap();
     let gdir = fixture("goldens/tiny-sd15");

@@ -14,7 +14,7 @@ use ndarray::{ArrayD, IxDyn};
 use ort::value::{DynValue, Tensor};
 
 use super::{BusyGuard, Pipeline};
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, Result};
 use crate::lora::{
     merged_overrides, Component, LoraFile, MergeOptions, ModelGraphs, OverrideData, Resolution,
 };
@@ -171,15 +171,7 @@ impl Pipeline {
                     comp.folder(),
                     &inner.folder.graph(comp.folder()),
                 )?;
-                match comp {
-                    Component::Unet => models.unet = g,
-                    Component::TextEncoder => models.text.te1.graph = g,
-                    Component::TextEncoder2 => {
-                        if let Some(t) = models.text.te2.as_mut() {
-                            t.graph = g
-                        }
-                    }
-                }
+                models.replace(comp, g)?;
             }
             state.slot_inputs = Arc::new(inputs);
             state.applied = identity;
@@ -225,19 +217,7 @@ impl Pipeline {
         }
         let mut models = inner.models.lock();
         for (comp, g) in built {
-            match comp {
-                Component::Unet => models.unet = g,
-                Component::TextEncoder => models.text.te1.graph = g,
-                Component::TextEncoder2 => {
-                    let te2 = models.text.te2.as_mut().ok_or_else(|| {
-                        Error::new(
-                            ErrorCode::InvalidLora,
-                            "LoRA targets text_encoder_2, which this model lacks",
-                        )
-                    })?;
-                    te2.graph = g;
-                }
-            }
+            models.replace(comp, g)?;
         }
         state.applied = identity;
         state.mode = Some(mode);

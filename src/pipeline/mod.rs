@@ -32,6 +32,31 @@ pub(crate) struct Models {
     pub vae_encoder: Option<Graph>,
 }
 
+impl Models {
+    /// Puts a rebuilt graph in the slot of `component`.
+    pub(crate) fn replace(
+        &mut self,
+        component: crate::lora::Component,
+        graph: Graph,
+    ) -> Result<()> {
+        use crate::lora::Component;
+        match component {
+            Component::Unet => self.unet = graph,
+            Component::TextEncoder => self.text.te1.graph = graph,
+            Component::TextEncoder2 => {
+                let te2 = self.text.te2.as_mut().ok_or_else(|| {
+                    Error::new(
+                        ErrorCode::InvalidLora,
+                        "LoRA targets text_encoder_2, which this model lacks",
+                    )
+                })?;
+                te2.graph = graph;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A loaded pipeline. Cheap to clone; clones share the sessions and the
 /// one-job-at-a-time rule.
 #[derive(Clone)]
