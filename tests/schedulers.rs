@@ -51,6 +51,9 @@ struct Golden {
     noise: Option<Vec<Option<Vec<f32>>>>,
     model_outputs: Vec<Vec<f64>>,
     trajectory: Vec<Vec<f64>>,
+    /// diffusers' `pred_original_sample` per step (DPM-Solver: its converted
+    /// model output), the x0 the job preview reports.
+    pred_original: Vec<Vec<f64>>,
 }
 
 fn golden_dir() -> PathBuf {
@@ -184,9 +187,15 @@ fn run_golden(text: &str) -> Result<(f64, bool), String> {
                 golden_noise.is_some()
             ));
         }
-        sample = s
+        let out = s
             .step(&mo, i, &sample, golden_noise.as_deref())
             .map_err(|e| format!("step {i}: {e}"))?;
+        let e = rel_err(&out.pred_original_sample, &g.pred_original[k]);
+        worst = worst.max(e);
+        if e > tol {
+            return Err(format!("x0 at step {i} (t = {t}) differs by {e:e}"));
+        }
+        sample = out.prev_sample;
         let e = rel_err(&sample, &g.trajectory[k]);
         worst = worst.max(e);
         if e > tol {

@@ -273,7 +273,7 @@ def run_scheduler_case(case):
         return n.to(dtype or torch.float32)
 
     mod.randn_tensor = fake_randn
-    model_outputs, traj, noises = [], [], []
+    model_outputs, traj, noises, x0s = [], [], [], []
     try:
         for i in range(begin, len(sched.timesteps)):
             t = sched.timesteps[i]
@@ -283,7 +283,12 @@ def run_scheduler_case(case):
             kw = {}
             if cls_name == "DDIMScheduler":
                 kw["eta"] = eta
-            sample = sched.step(mo, t, sample, **kw).prev_sample
+            out = sched.step(mo, t, sample, **kw)
+            sample = out.prev_sample
+            # The step's data prediction x0: `pred_original_sample` where the
+            # output has it; DPM-Solver keeps it as its latest converted model output.
+            x0 = getattr(out, "pred_original_sample", None)
+            x0s.append(_flat(x0 if x0 is not None else sched.model_outputs[-1]))
             noises.append(_flat(used[-1]) if len(used) > before else None)
             model_outputs.append(_flat(mo))
             traj.append(_flat(sample))
@@ -310,6 +315,7 @@ def run_scheduler_case(case):
         "noise": noises if any(n is not None for n in noises) else None,
         "model_outputs": model_outputs,
         "trajectory": traj,
+        "pred_original": x0s,
     }
 
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use ndarray::{ArrayD, IxDyn};
 use ort::session::RunOptions;
+use parking_lot::Mutex;
 
 use super::denoise::{self, repeat_batch, Conditioning};
 use super::image::Image;
@@ -164,6 +165,20 @@ impl CancelToken {
     }
 }
 
+/// The data prediction x0 of the latest step: latents in the UNet's latent
+/// space (not scaled by the VAE factor), shaped [num_images, C, h, w].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preview {
+    /// Steps done when it was taken (1-based, like the progress callback).
+    pub step: usize,
+    pub shape: [usize; 4],
+    pub latents: Vec<f32>,
+}
+
+/// Shared so a host can read the preview from its progress callback or from
+/// another thread while the job is stepping.
+pub type PreviewSlot = Arc<Mutex<Option<Preview>>>;
+
 /// Called after each step with (done, total); return `false` to cancel.
 pub type ProgressFn = dyn FnMut(usize, usize) -> bool + Send;
 
@@ -188,6 +203,7 @@ pub struct Job {
     cond: Option<Conditioning>,
     cancel: Arc<CancelToken>,
     progress: Option<Box<ProgressFn>>,
+    preview: PreviewSlot,
     images: Option<Vec<Image>>,
     busy: BusyGuard,
 }
@@ -267,6 +283,7 @@ impl Job {
                 run_options: RunOptions::new()?,
             }),
             progress: None,
+            preview: PreviewSlot::default(),
             images: None,
             busy,
         })
@@ -278,6 +295,12 @@ impl Job {
 
     pub fn set_progress(&mut self, f: Option<Box<ProgressFn>>) {
         self.progress = f;
+    }
+
+    /// The x0 preview of the latest step (`None` before the first step). It is
+    /// updated before the progress callback runs.
+    pub fn preview_slot(&self) -> PreviewSlot {
+        self.preview.clone()
     }
 
     /// Denoising steps this job runs (fewer than `steps` for img2img).
@@ -371,15 +394,21 @@ impl Job {
             None
         };
         let pred = noise_pred.as_standard_layout();
-        self.latents = self.scheduler.step(
+        let out = self.scheduler.step(
             pred.as_slice().expect("contiguous"),
             i,
             &self.latents,
             noise.as_deref(),
         )?;
+        self.latents = out.prev_sample;
         self.index += 1;
         let total = self.total_steps();
         let done = self.index - self.start;
+        *self.preview.lock() = Some(Preview {
+            step: done,
+            shape: self.shape,
+            latents: out.pred_original_sample,
+        });
         if let Some(p) = self.progress.as_mut() {
             if !p(done, total) {
                 self.cancel.cancel();

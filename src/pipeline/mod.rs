@@ -14,7 +14,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 pub use self::image::Image;
-pub use self::job::{Job, JobSpec, Status};
+pub use self::job::{Job, JobSpec, Preview, PreviewSlot, Status};
 pub use self::lora::{Lora, LoraMode};
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::{ModelFolder, ModelKind};

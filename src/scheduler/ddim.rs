@@ -10,6 +10,7 @@
 use super::schedule::{self, TrainScheduleOpts};
 use super::{
     check_len, check_step, require_noise, Prediction, Scheduler, SchedulerConfig, Spacing,
+    StepOutput,
 };
 use crate::error::{Error, Result};
 
@@ -125,7 +126,7 @@ impl Scheduler for DdimScheduler {
         step_index: usize,
         sample: &[f32],
         noise: Option<&[f32]>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<StepOutput> {
         check_step("ddim", step_index, self.timesteps.len())?;
         check_len("model_output", model_output.len(), sample.len())?;
         let z = if self.eta > 0.0 {
@@ -147,7 +148,7 @@ impl Scheduler for DdimScheduler {
         let std_dev = self.eta * variance.sqrt();
         let dir_coef = (1.0 - a_prev - std_dev * std_dev).max(0.0).sqrt();
         let range = self.config.clip_sample_range;
-        let mut out = Vec::with_capacity(sample.len());
+        let mut out = StepOutput::with_capacity(sample.len());
         for (i, (&x, &m)) in sample.iter().zip(model_output).enumerate() {
             let (x, m) = (f64::from(x), f64::from(m));
             let (mut x0, eps) = match self.pred {
@@ -165,7 +166,7 @@ impl Scheduler for DdimScheduler {
             if let Some(z) = z {
                 prev += std_dev * f64::from(z[i]);
             }
-            out.push(prev as f32);
+            out.push(prev, x0);
         }
         Ok(out)
     }

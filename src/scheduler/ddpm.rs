@@ -10,6 +10,7 @@
 use super::schedule::{self, TrainScheduleOpts};
 use super::{
     check_len, check_step, require_noise, Prediction, Scheduler, SchedulerConfig, Spacing,
+    StepOutput,
 };
 use crate::error::{Error, Result};
 
@@ -123,7 +124,7 @@ impl Scheduler for DdpmScheduler {
         step_index: usize,
         sample: &[f32],
         noise: Option<&[f32]>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<StepOutput> {
         check_step("ddpm", step_index, self.timesteps.len())?;
         check_len("model_output", model_output.len(), sample.len())?;
         let t = self.int_timesteps[step_index];
@@ -158,7 +159,7 @@ impl Scheduler for DdpmScheduler {
             }
         };
         let range = self.config.clip_sample_range;
-        let mut out = Vec::with_capacity(sample.len());
+        let mut out = StepOutput::with_capacity(sample.len());
         for (i, (&x, &m)) in sample.iter().zip(model_output).enumerate() {
             let (x, m) = (f64::from(x), f64::from(m));
             let mut x0 = match self.pred {
@@ -173,7 +174,7 @@ impl Scheduler for DdpmScheduler {
             if let Some(z) = z {
                 prev += std * f64::from(z[i]);
             }
-            out.push(prev as f32);
+            out.push(prev, x0);
         }
         Ok(out)
     }

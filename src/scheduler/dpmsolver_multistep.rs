@@ -14,7 +14,10 @@
 //! order; `set_timesteps` and `set_begin_index` clear that state.
 
 use super::schedule::{self, f32r, TrainScheduleOpts};
-use super::{check_len, check_step, BetaSchedule, Prediction, Scheduler, SchedulerConfig, Spacing};
+use super::{
+    check_len, check_step, BetaSchedule, Prediction, Scheduler, SchedulerConfig, Spacing,
+    StepOutput,
+};
 use crate::error::{Error, Result};
 
 /// diffusers `DPMSolverMultistepScheduler` (DPM-Solver++ 1S / 2M).
@@ -235,7 +238,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         step_index: usize,
         sample: &[f32],
         _noise: Option<&[f32]>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<StepOutput> {
         let n = self.timesteps.len();
         check_step(self.name, step_index, n)?;
         check_len("model_output", model_output.len(), sample.len())?;
@@ -283,7 +286,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let m0 = self.model_outputs[order - 1].as_ref().expect("just stored");
 
         let first = order == 1 || self.lower_order_nums < 1 || lower_order_final;
-        let out: Vec<f32> = if first {
+        let prev_sample: Vec<f32> = if first {
             sample
                 .iter()
                 .zip(m0)
@@ -316,7 +319,11 @@ impl Scheduler for DpmSolverMultistepScheduler {
             self.lower_order_nums += 1;
         }
         self.next_step = Some(step_index + 1);
-        Ok(out)
+        let pred_original_sample = m0.iter().map(|&v| v as f32).collect();
+        Ok(StepOutput {
+            prev_sample,
+            pred_original_sample,
+        })
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>> {

@@ -11,6 +11,7 @@
 use super::schedule::{self, f32r, TrainScheduleOpts};
 use super::{
     check_len, check_step, require_noise, Prediction, Scheduler, SchedulerConfig, Spacing,
+    StepOutput,
 };
 use crate::error::{Error, Result};
 
@@ -124,7 +125,7 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         step_index: usize,
         sample: &[f32],
         noise: Option<&[f32]>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<StepOutput> {
         check_step("euler_a", step_index, self.timesteps.len())?;
         check_len("model_output", model_output.len(), sample.len())?;
         let z = require_noise("euler_a", step_index, noise, sample.len())?;
@@ -132,20 +133,17 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         let (up, down) = self.up_down(step_index);
         let dt = down - sigma;
         let c = sigma * sigma + 1.0;
-        Ok(sample
-            .iter()
-            .zip(model_output)
-            .zip(z)
-            .map(|((&x, &m), &z)| {
-                let (x, m) = (f64::from(x), f64::from(m));
-                let x0 = match self.pred {
-                    Prediction::VPrediction => m * (-sigma / c.sqrt()) + x / c,
-                    _ => x - sigma * m,
-                };
-                let d = (x - x0) / sigma;
-                (x + d * dt + f64::from(z) * up) as f32
-            })
-            .collect())
+        let mut out = StepOutput::with_capacity(sample.len());
+        for ((&x, &m), &z) in sample.iter().zip(model_output).zip(z) {
+            let (x, m) = (f64::from(x), f64::from(m));
+            let x0 = match self.pred {
+                Prediction::VPrediction => m * (-sigma / c.sqrt()) + x / c,
+                _ => x - sigma * m,
+            };
+            let d = (x - x0) / sigma;
+            out.push(x + d * dt + f64::from(z) * up, x0);
+        }
+        Ok(out)
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>> {

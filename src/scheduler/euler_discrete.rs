@@ -8,7 +8,7 @@
 //! `add_noise`. Exponential / beta sigmas and `log_linear` interpolation are refused.
 
 use super::schedule::{self, f32r, TrainScheduleOpts};
-use super::{check_len, check_step, Prediction, Scheduler, SchedulerConfig, Spacing};
+use super::{check_len, check_step, Prediction, Scheduler, SchedulerConfig, Spacing, StepOutput};
 use crate::error::{Error, Result};
 
 /// diffusers `EulerDiscreteScheduler`.
@@ -148,26 +148,24 @@ impl Scheduler for EulerDiscreteScheduler {
         step_index: usize,
         sample: &[f32],
         _noise: Option<&[f32]>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<StepOutput> {
         check_step("euler", step_index, self.timesteps.len())?;
         check_len("model_output", model_output.len(), sample.len())?;
         let sigma = self.sigmas[step_index];
         let dt = self.sigmas[step_index + 1] - sigma;
         let c = sigma * sigma + 1.0;
-        Ok(sample
-            .iter()
-            .zip(model_output)
-            .map(|(&x, &m)| {
-                let (x, m) = (f64::from(x), f64::from(m));
-                let x0 = match self.pred {
-                    Prediction::Epsilon => x - sigma * m,
-                    Prediction::VPrediction => m * (-sigma / c.sqrt()) + x / c,
-                    Prediction::Sample => m,
-                };
-                let d = (x - x0) / sigma;
-                (x + d * dt) as f32
-            })
-            .collect())
+        let mut out = StepOutput::with_capacity(sample.len());
+        for (&x, &m) in sample.iter().zip(model_output) {
+            let (x, m) = (f64::from(x), f64::from(m));
+            let x0 = match self.pred {
+                Prediction::Epsilon => x - sigma * m,
+                Prediction::VPrediction => m * (-sigma / c.sqrt()) + x / c,
+                Prediction::Sample => m,
+            };
+            let d = (x - x0) / sigma;
+            out.push(x + d * dt, x0);
+        }
+        Ok(out)
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>> {

@@ -381,6 +381,30 @@ impl SchedulerConfig {
     }
 }
 
+/// What one [`Scheduler::step`] produces, as diffusers' scheduler outputs do.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepOutput {
+    /// The sample for the next step.
+    pub prev_sample: Vec<f32>,
+    /// The step's data prediction x0 (diffusers' `pred_original_sample`; for
+    /// DPM-Solver its converted model output). A cheap per-step preview.
+    pub pred_original_sample: Vec<f32>,
+}
+
+impl StepOutput {
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        StepOutput {
+            prev_sample: Vec::with_capacity(n),
+            pred_original_sample: Vec::with_capacity(n),
+        }
+    }
+
+    pub(crate) fn push(&mut self, prev: f64, x0: f64) {
+        self.prev_sample.push(prev as f32);
+        self.pred_original_sample.push(x0 as f32);
+    }
+}
+
 /// One diffusers scheduler. Samples are flat `f32` slices in the latent layout
 /// (NCHW); the math runs in `f64`.
 pub trait Scheduler: Send {
@@ -411,7 +435,7 @@ pub trait Scheduler: Send {
         step_index: usize,
         sample: &[f32],
         noise: Option<&[f32]>,
-    ) -> Result<Vec<f32>>;
+    ) -> Result<StepOutput>;
     /// Noises `original` to the level of step `step_index` (img2img start).
     fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>>;
     /// Model evaluations per step (1 for all schedulers here).
