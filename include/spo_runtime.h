@@ -250,6 +250,25 @@ struct spo_error *spo_job_run(const struct spo_job *job);
 // SPO_ERR_CANCELLED. NULL is a no-op.
 void spo_job_cancel(const struct spo_job *job);
 
+// Copies the predicted x0 latents of the latest finished step (diffusers'
+// `pred_original_sample`): f32, NCHW `[num_images, C, h, w]`, in latent
+// space (not divided by the VAE scaling factor). Cheap: no model call.
+//
+// `shape` (4 values) is written on success. With `data` NULL only the shape
+// is reported; otherwise `capacity` (in floats) must hold the product of the
+// shape. `step` may be NULL; it receives the steps done when the preview was
+// taken, as the progress callback counts them.
+//
+// Threading: any thread, including from inside the progress callback (the
+// preview of that step is already there). Errors: SPO_ERR_NULL_ARGUMENT,
+// SPO_ERR_INVALID_ARGUMENT (no step has finished yet; `capacity` too small,
+// with both sizes in the message).
+struct spo_error *spo_job_preview(const struct spo_job *job,
+                                  float *data,
+                                  size_t capacity,
+                                  size_t *shape,
+                                  uint32_t *step);
+
 // Takes the images of a finished job (once).
 //
 // Ownership: `*out` is new, freed with `spo_images_free`; written only on

@@ -101,12 +101,31 @@ fn cases(model: &str, p: &Pipeline, index: &serde_json::Value) {
     for c in index["cases"].as_array().unwrap() {
         let name = c["name"].as_str().unwrap();
         let mut job = p.job(spec_for(&dir, c)).unwrap();
+        // The x0 preview is in place, for the step just done, when progress runs.
+        let slot = job.preview_slot();
+        job.set_progress(Some(Box::new(move |done, _| {
+            slot.lock().as_ref().is_some_and(|p| p.step == done)
+        })));
         job.run().unwrap_or_else(|e| panic!("{model} {name}: {e}"));
         let got = job.latents().unwrap();
         let want = read_npy(&dir.join(c["latents"].as_str().unwrap()));
         assert_eq!(got.shape(), want.shape(), "{model} {name} latent shape");
         let (d, m) = max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap());
         let tol = LATENT_TOL * m.max(1.0);
+        // Every scheduler here but DDIM (whose final alpha is alphas_cumprod[0]
+        // with set_alpha_to_one=false) ends at noise level 0, where the last
+        // step's x0 is the final sample: diffusers' latents check the preview.
+        let preview = job.preview_slot().lock().clone().unwrap();
+        assert_eq!(preview.step, job.total_steps(), "{name} preview step");
+        assert_eq!(&preview.shape[..], want.shape(), "{name} preview shape");
+        if c["scheduler"] != "ddim" {
+            let (dp, _) = max_abs_diff(&preview.latents, want.as_slice().unwrap());
+            if dp > tol {
+                failures.push(format!(
+                    "{name}: last x0 preview off the final latents by {dp:.2e}"
+                ));
+            }
+        }
         let images = job.take_images().unwrap();
         let golden = Image::read_png(&dir.join(c["image"].as_str().unwrap())).unwrap();
         let img_d = images[0]

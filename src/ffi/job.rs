@@ -13,13 +13,14 @@ use super::pipeline::spo_pipeline;
 use crate::error::{Error, ErrorCode, Result};
 use crate::options::Options;
 use crate::pipeline::job::CancelToken;
-use crate::pipeline::{Image, Job, JobSpec, Status};
+use crate::pipeline::{Image, Job, JobSpec, PreviewSlot, Status};
 
 /// A generation job. `spo_job_cancel` may be called from any thread; the other
 /// calls on one job must not overlap (an overlapping call gets SPO_ERR_BUSY).
 pub struct spo_job {
     job: Mutex<Job>,
     cancel: Arc<CancelToken>,
+    preview: PreviewSlot,
 }
 
 /// Progress callback: called after each denoising step with the steps done
@@ -86,9 +87,11 @@ pub extern "C" fn spo_job_create(
         let opts = unsafe { options.as_ref() }.map_or(&empty, |o| &o.options);
         let job = p.job(JobSpec::from_options(opts)?)?;
         let cancel = job.cancel_token();
+        let preview = job.preview_slot();
         *out = into_handle(spo_job {
             job: Mutex::new(job),
             cancel,
+            preview,
         });
         Ok(())
     })
@@ -174,6 +177,54 @@ pub extern "C" fn spo_job_cancel(job: *const spo_job) {
         if let Some(j) = unsafe { job.as_ref() } {
             j.cancel.cancel();
         }
+    })
+}
+
+/// Copies the predicted x0 latents of the latest finished step (diffusers'
+/// `pred_original_sample`): f32, NCHW `[num_images, C, h, w]`, in latent
+/// space (not divided by the VAE scaling factor). Cheap: no model call.
+///
+/// `shape` (4 values) is written on success. With `data` NULL only the shape
+/// is reported; otherwise `capacity` (in floats) must hold the product of the
+/// shape. `step` may be NULL; it receives the steps done when the preview was
+/// taken, as the progress callback counts them.
+///
+/// Threading: any thread, including from inside the progress callback (the
+/// preview of that step is already there). Errors: SPO_ERR_NULL_ARGUMENT,
+/// SPO_ERR_INVALID_ARGUMENT (no step has finished yet; `capacity` too small,
+/// with both sizes in the message).
+#[no_mangle]
+pub extern "C" fn spo_job_preview(
+    job: *const spo_job,
+    data: *mut f32,
+    capacity: usize,
+    shape: *mut usize,
+    step: *mut u32,
+) -> *mut spo_error {
+    call(|| {
+        let job = arg_ref(job, "job")?;
+        let shape = out_slot(shape.cast::<[usize; 4]>(), "shape")?;
+        let slot = job.preview.lock();
+        let p = slot.as_ref().ok_or_else(|| {
+            Error::invalid_argument("no preview yet: no denoising step has finished")
+        })?;
+        if !data.is_null() {
+            if capacity < p.latents.len() {
+                return Err(Error::invalid_argument(format!(
+                    "preview buffer holds {capacity} floats; shape {:?} needs {}",
+                    p.shape,
+                    p.latents.len()
+                )));
+            }
+            // SAFETY: the caller owns `capacity` floats at `data`, checked above.
+            unsafe { std::ptr::copy_nonoverlapping(p.latents.as_ptr(), data, p.latents.len()) };
+        }
+        *shape = p.shape;
+        // SAFETY: NULL or caller storage.
+        if let Some(s) = unsafe { step.as_mut() } {
+            *s = p.step as u32;
+        }
+        Ok(())
     })
 }
 

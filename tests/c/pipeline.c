@@ -67,6 +67,8 @@ static void test_nulls(void) {
   expect_error(spo_job_create(NULL, NULL, &j), SPO_ERR_NULL_ARGUMENT, "'pipeline'", "job_create(NULL)");
   expect_error(spo_job_create(g_pipe, NULL, NULL), SPO_ERR_NULL_ARGUMENT, "'out'", "job_create(NULL out)");
   expect_error(spo_job_step(NULL, NULL), SPO_ERR_NULL_ARGUMENT, "'job'", "step(NULL)");
+  size_t shape[4];
+  expect_error(spo_job_preview(NULL, NULL, 0, shape, NULL), SPO_ERR_NULL_ARGUMENT, "'job'", "preview(NULL)");
   expect_error(spo_job_run(NULL), SPO_ERR_NULL_ARGUMENT, "'job'", "run(NULL)");
   expect_error(spo_job_set_progress_callback(NULL, NULL, NULL), SPO_ERR_NULL_ARGUMENT, "'job'", "progress(NULL)");
   expect_error(spo_job_take_images(NULL, &im), SPO_ERR_NULL_ARGUMENT, "'job'", "take(NULL)");
@@ -107,6 +109,40 @@ static void test_info_and_options(void) {
   CHECK(j == NULL);
 }
 
+/* The x0 preview after `done` steps: shape [1, 4, 8, 8], finite, not all zero. */
+static void check_preview(spo_job *job, uint32_t done) {
+  size_t shape[4] = {0, 0, 0, 0};
+  uint32_t step = 0;
+  if (!expect_ok(spo_job_preview(job, NULL, 0, shape, &step), "preview shape")) return;
+  CHECK(shape[0] == 1 && shape[1] == 4 && shape[2] == 8 && shape[3] == 8);
+  CHECK(step == done);
+  float small[8];
+  expect_error(spo_job_preview(job, small, 8, shape, NULL), SPO_ERR_INVALID_ARGUMENT, "needs 256", "preview capacity");
+  float x0[256];
+  for (int i = 0; i < 256; i++) x0[i] = 1e30f;
+  if (!expect_ok(spo_job_preview(job, x0, 256, shape, NULL), "preview data")) return;
+  int finite = 1, nonzero = 0;
+  for (int i = 0; i < 256; i++) {
+    finite &= x0[i] > -1e6f && x0[i] < 1e6f;
+    nonzero |= x0[i] != 0.0f;
+  }
+  CHECK(finite && nonzero);
+}
+
+typedef struct {
+  spo_job *job;
+  int calls;
+} preview_ctx;
+
+/* Reads the preview from inside the progress callback, as a host UI would. */
+static int preview_from_callback(void *user_data, uint32_t done, uint32_t total) {
+  (void)total;
+  preview_ctx *c = (preview_ctx *)user_data;
+  check_preview(c->job, done);
+  c->calls++;
+  return 0;
+}
+
 static void test_generate_stepwise_and_busy(void) {
   spo_options *o = job_options("3");
   spo_job *a = NULL, *b = NULL;
@@ -118,21 +154,28 @@ static void test_generate_stepwise_and_busy(void) {
   expect_error(spo_job_create(g_pipe, o, &b), SPO_ERR_BUSY, "one job at a time", "busy");
   spo_images *im = NULL;
   expect_error(spo_job_take_images(a, &im), SPO_ERR_INVALID_ARGUMENT, "not finished", "take before done");
+  size_t shape[4];
+  expect_error(spo_job_preview(a, NULL, 0, shape, NULL), SPO_ERR_INVALID_ARGUMENT, "no preview yet", "preview before a step");
+  expect_error(spo_job_preview(a, NULL, 0, NULL, NULL), SPO_ERR_NULL_ARGUMENT, "'shape'", "preview(shape NULL)");
   spo_job_status st = {0, 0, 0};
   int steps = 0;
   while (!st.finished && steps < 10) {
     if (!expect_ok(spo_job_step(a, &st), "step")) break;
     steps++;
     CHECK(st.total == 3);
+    check_preview(a, (uint32_t)steps);
   }
   CHECK(steps == 3 && st.finished == 1 && st.done == 3);
   expect_ok(spo_job_take_images(a, &im), "take after steps");
   CHECK(spo_images_count(im) == 1);
   spo_images_free(im);
   spo_job_free(a);
-  /* The slot is free again: a full run works. */
+  /* The slot is free again: a full run works, with previews read from the callback. */
   if (expect_ok(spo_job_create(g_pipe, o, &b), "job b")) {
+    preview_ctx pc = {b, 0};
+    expect_ok(spo_job_set_progress_callback(b, preview_from_callback, &pc), "set progress");
     run_to_images(b, "run b");
+    CHECK(pc.calls == 3);
     spo_job_free(b);
   }
   spo_options_free(o);
