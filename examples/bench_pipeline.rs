@@ -265,7 +265,8 @@ impl BareLoop {
             .collect();
         self.latents = self
             .scheduler
-            .step(&guided, self.index, &self.latents, None)?;
+            .step(&guided, self.index, &self.latents, None)?
+            .prev_sample;
         self.index += 1;
         if self.index == self.steps {
             let n = self.latents.len() as f32;

@@ -122,6 +122,20 @@ class Job {
   void run() { check(spo_job_run(h_.get())); }
   // Safe from any thread.
   void cancel() noexcept { spo_job_cancel(h_.get()); }
+  // The x0 latents of the latest step, NCHW (see spo_job_preview); also
+  // callable from a progress callback.
+  struct Preview {
+    size_t shape[4] = {0, 0, 0, 0};
+    uint32_t step = 0;
+    std::vector<float> latents;
+  };
+  Preview preview() const {
+    Preview p;
+    check(spo_job_preview(h_.get(), nullptr, 0, p.shape, &p.step));
+    p.latents.resize(p.shape[0] * p.shape[1] * p.shape[2] * p.shape[3]);
+    check(spo_job_preview(h_.get(), p.latents.data(), p.latents.size(), p.shape, &p.step));
+    return p;
+  }
   std::vector<Image> take_images() {
     spo_images* raw = nullptr;
     check(spo_job_take_images(h_.get(), &raw));

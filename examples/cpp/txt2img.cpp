@@ -21,7 +21,10 @@ int main(int argc, char** argv) {
     o.set("prompt", argv[2]).set("steps", "4").set_json(R"({"seed": 7})");
     spo::Job job = pipe.job(o);
     spo_job_status st{};
-    while (!job.step(&st)) std::cout << "step " << st.done << "/" << st.total << "\n";
+    while (!job.step(&st)) {
+      auto p = job.preview();
+      std::cout << "step " << st.done << "/" << st.total << ", x0 preview " << p.shape[2] << "x" << p.shape[3] << " latents\n";
+    }
     auto images = job.take_images();
     std::cout << "image " << images.at(0).width << "x" << images.at(0).height << " on " << rt.info("ep.active") << "\n";
     // Errors carry the stable code and a message naming the key.
