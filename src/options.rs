@@ -21,6 +21,7 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
     ("cuda.gpu_mem_limit", "runtime"),
     ("cuda.enable_cuda_graph", "runtime"),
     ("lora.allow_partial", "pipeline"),
+    ("vae.upcast", "pipeline"),
     ("prompt", "job"),
     ("negative_prompt", "job"),
     ("width", "job"),

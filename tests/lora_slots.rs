@@ -5,29 +5,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::*;
 use spo_runtime::pipeline::{Lora, LoraMode, Pipeline};
 use spo_runtime::{ErrorCode, Options};
-
-/// A model folder: tiny-sd15 with the slots UNet, assembled from symlinks.
-fn slots_model() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("spo-slots-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for e in std::fs::read_dir(fixture("tiny-sd15")).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name();
-        let src = if name == "unet" {
-            fixture("tiny-sd15-slots/unet")
-        } else {
-            e.path()
-        };
-        std::os::unix::fs::symlink(src, dir.join(name)).unwrap();
-    }
-    dir
-}
 
 fn latents(p: &Pipeline, gdir: &std::path::Path, case: &serde_json::Value) -> ndarray::ArrayD<f32> {
     let mut job = p.job(spec_for(gdir, case)).unwrap();
@@ -43,7 +23,7 @@ fn slots_match_diffusers_and_switch_without_rebuild() {
         Default::default(),
     )
     .unwrap();
-    let dir = slots_model();
+    let dir = swapped_model("tiny-sd15", "unet", "tiny-sd15-slots/unet");
     let p = Pipeline::load(&rt, &dir, &Options::new()).unwrap();
     let gdir = fixture("goldens/tiny-sd15");
     let index = read_json(&gdir.join("index.json"));

@@ -1,10 +1,11 @@
 """Reference outputs for the pure-Rust unit tests (tokenizer and schedulers).
 
-    PYTHONPATH=onnx python -m spo_onnx.unit_goldens [--root REPO_ROOT] [--only tokenizer|scheduler]
+    PYTHONPATH=onnx python -m spo_onnx.unit_goldens [--root REPO_ROOT] [--only tokenizer|scheduler|vae-fp16]
 
 Writes
   tests/fixtures/goldens/tokenizer/corpus.json   (transformers CLIPTokenizer)
   tests/fixtures/goldens/scheduler/<case>.json   (diffusers schedulers)
+  tests/fixtures/vae-fp16-overflow/              (an fp16 VAE decoder that overflows, and its fp32 golden)
 
 No network access: the tokenizer comes from tests/fixtures/clip-tokenizer and the
 schedulers are built from inline configs.
@@ -14,6 +15,8 @@ import argparse
 import json
 import math
 import os
+import shutil
+import tempfile
 
 LONG_WORDS = (
     "a breathtaking panoramic view of an ancient city built into the cliffs of a misty mountain range "
@@ -143,12 +146,59 @@ def write_tokenizer(root):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-    ap.add_argument("--only", choices=["tokenizer", "scheduler"])
+    ap.add_argument("--only", choices=["tokenizer", "scheduler", "vae-fp16"])
     a = ap.parse_args()
     if a.only in (None, "tokenizer"):
         write_tokenizer(a.root)
     if a.only in (None, "scheduler"):
         write_schedulers(a.root)
+    if a.only in (None, "vae-fp16"):
+        write_vae_fp16(a.root)
+
+
+def write_vae_fp16(root):
+    """An fp16 VAE decoder whose output overflows fp16, for the runtime's fp32
+    upcast (diffusers' force_upcast) and its non-finite check. The tiny SDXL
+    VAE gets a decoder conv_out with bias 6e4 and weights x10000, so outputs
+    pass 65504: in fp16 they become inf, in fp32 they are finite. (The SDXL
+    VAE overflows inside the decoder; ONNX Runtime's CPU provider runs fp16
+    nodes that lack fp16 kernels in fp32, so only an overflow at an fp16
+    output shows on every provider.) The weights are rounded to fp16 before the
+    golden is computed, so the golden is what an fp32 run of the fp16 graph's
+    weights gives."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from diffusers import AutoencoderKL
+
+    from . import export
+
+    out = os.path.join(root, "tests", "fixtures", "vae-fp16-overflow")
+    vae = AutoencoderKL.from_pretrained(os.path.join(root, "tests", "fixtures", "diffusers", "tiny-sdxl", "vae")).eval()
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(10000.0)
+        vae.decoder.conv_out.bias.fill_(6e4)
+        for p in vae.parameters():  # fp16-rounded weights, fp32 arithmetic
+            p.copy_(p.half().float())
+    assert vae.config.force_upcast
+    with tempfile.TemporaryDirectory() as tmp:
+        export.export_vae(vae, tmp, torch.float16, export.DEFAULT_OPSET, False, 1, None)
+        os.makedirs(out, exist_ok=True)
+        shutil.rmtree(os.path.join(out, "vae_decoder"), ignore_errors=True)
+        shutil.copytree(os.path.join(tmp, "vae_decoder"), os.path.join(out, "vae_decoder"))
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(1, 4, 8, 12, generator=g)
+    with torch.no_grad():
+        golden = vae.decode(z).sample
+    s = ort.InferenceSession(os.path.join(out, "vae_decoder", "model.onnx"), providers=["CPUExecutionProvider"])
+    fp16 = s.run(None, {"latent_sample": z.numpy().astype(np.float16)})[0]
+    bad = int((~np.isfinite(fp16)).sum())
+    assert bad > 0, "the fp16 graph was meant to overflow"
+    assert np.isfinite(golden.numpy()).all()
+    np.save(os.path.join(out, "latents.npy"), z.numpy())
+    np.save(os.path.join(out, "decoded.npy"), golden.numpy())
+    print(f"wrote {out}: fp16 run has {bad}/{fp16.size} non-finite values; fp32 golden range "
+          f"[{golden.min():.3f}, {golden.max():.3f}]")
 
 
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)

@@ -36,7 +36,8 @@ pub struct ModelFolder {
     pub vae_scaling_factor: f64,
     /// VAE `shift_factor`, when the config has one.
     pub vae_shift_factor: f64,
-    /// Whether the VAE config states `force_upcast` (fp16 SDXL VAE overflows).
+    /// The VAE config's `force_upcast` (diffusers' default true also when the
+    /// config or key is missing; the fp16-fix VAE sets false).
     pub vae_force_upcast: bool,
 }
 
@@ -103,7 +104,7 @@ impl ModelFolder {
                 .as_ref()
                 .and_then(|c| c.get("force_upcast"))
                 .and_then(Value::as_bool)
-                .unwrap_or(false),
+                .unwrap_or(true),
         })
     }
 

@@ -396,6 +396,12 @@ impl OnnxGraph {
         let t = self.initializer(name).ok_or_else(|| {
             Error::invalid_model(format!("{}: no initializer '{name}'", self.path.display()))
         })?;
+        self.tensor_f32(t)
+    }
+
+    /// The values of any float tensor of this model (an initializer or a
+    /// constant attribute; inline or external data) as f32, with its dims.
+    pub fn tensor_f32(&self, t: &TensorProto) -> Result<(Vec<usize>, Vec<f32>)> {
         let dims = dims_usize(t, &self.path)?;
         let n = numel(&dims).ok_or_else(|| self.bad_tensor(t, "element count overflows"))?;
         let elem = match t.data_type {
@@ -571,7 +577,10 @@ fn bits16_to_f32(bits: &[u16], dt: i32) -> Vec<f32> {
 }
 
 fn attr_int(n: &NodeProto, name: &str) -> Option<i64> {
-    n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+    n.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .and_then(|a| a.i)
 }
 
 fn attr_ints(n: &NodeProto, name: &str) -> Vec<i64> {

@@ -189,15 +189,38 @@ pub fn vae_decode(
                 .remove(0),
             );
         }
-        return cat_batch(&parts.iter().collect::<Vec<_>>());
+        return finite_image(vae, cat_batch(&parts.iter().collect::<Vec<_>>())?);
     }
-    Ok(vae
+    let image = vae
         .run(
             vec![("latent_sample", Input::F32(latents))],
             &[&out],
             Some(run_options),
         )?
-        .remove(0))
+        .remove(0);
+    finite_image(vae, image)
+}
+
+/// An image with inf/NaN is an fp16 overflow (the SDXL VAE's failure mode),
+/// not a picture: fail loudly rather than hand back black pixels.
+fn finite_image(vae: &Graph, image: ArrayD<f32>) -> Result<ArrayD<f32>> {
+    let bad = image.iter().filter(|v| !v.is_finite()).count();
+    if bad == 0 {
+        return Ok(image);
+    }
+    let fp16 = vae.inputs.iter().any(|i| i.dtype == DType::F16);
+    Err(Error::invalid_model(format!(
+        "{}: {} produced {bad} non-finite values of {}{}",
+        vae.component,
+        vae.path.display(),
+        image.len(),
+        if fp16 {
+            "; the fp16 VAE overflowed: load the pipeline with vae.upcast=always (or auto with \
+             force_upcast in its config), or use an fp16-fix VAE"
+        } else {
+            ""
+        }
+    )))
 }
 
 /// Encodes an image [1, 3, H, W] to the latent distribution's mean [1, C, h, w]

@@ -17,7 +17,7 @@ pub use self::image::Image;
 pub use self::job::{Job, JobSpec, Preview, PreviewSlot, Status};
 pub use self::lora::{Lora, LoraMode};
 use crate::error::{Error, ErrorCode, Result};
-use crate::model::{ModelFolder, ModelKind};
+use crate::model::{upcast, ModelFolder, ModelKind, OnnxGraph};
 use crate::options::Options;
 use crate::runtime::session::Graph;
 use crate::runtime::Runtime;
@@ -95,12 +95,65 @@ fn tokenizer(folder: &ModelFolder, name: &str) -> Result<ClipTokenizer> {
     ClipTokenizer::from_dir(&dir).map_err(|e| e.context(name))
 }
 
+/// When an fp16 VAE graph is rebuilt in fp32 ([`crate::model::upcast`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VaeUpcast {
+    /// As diffusers: when the VAE config says `force_upcast` (its default, so
+    /// also when the config is missing); the fp16-fix VAE says false.
+    Auto,
+    Always,
+    Never,
+}
+
+impl VaeUpcast {
+    fn parse(v: &str) -> Option<VaeUpcast> {
+        match v {
+            "auto" => Some(VaeUpcast::Auto),
+            "always" => Some(VaeUpcast::Always),
+            "never" => Some(VaeUpcast::Never),
+            _ => None,
+        }
+    }
+}
+
+/// Loads a VAE component, in fp32 when it is an fp16 graph and `upcast` asks.
+fn load_vae(
+    rt: &Runtime,
+    folder: &ModelFolder,
+    component: &str,
+    upcast: VaeUpcast,
+) -> Result<Graph> {
+    let path = folder.graph(component);
+    let wanted = match upcast {
+        VaeUpcast::Never => false,
+        VaeUpcast::Always => true,
+        VaeUpcast::Auto => folder.vae_force_upcast,
+    };
+    if wanted && path.is_file() {
+        let graph = OnnxGraph::open(&path).map_err(|e| e.context(component))?;
+        if upcast::has_fp16_io(&graph) {
+            let bytes = upcast::fp16_to_fp32(&graph).map_err(|e| e.context(component))?;
+            rt.logger().info(&format!(
+                "{component}: fp16 graph upcast to fp32 (vae.upcast={upcast:?}; the VAE config's \
+                 force_upcast is {})",
+                folder.vae_force_upcast
+            ));
+            return Graph::load_from_memory(rt, component, &path, &bytes);
+        }
+    }
+    Graph::load(rt, component, &path)
+}
+
 impl Pipeline {
     /// Loads the model folder `dir`. Options: `lora.allow_partial` (LoRA keys
-    /// that match nothing are warnings instead of errors).
+    /// that match nothing are warnings instead of errors); `vae.upcast`
+    /// (`auto`, `always`, `never`; see [`VaeUpcast`]).
     pub fn load(runtime: &Runtime, dir: &std::path::Path, options: &Options) -> Result<Pipeline> {
         options.check_consumer("pipeline", "spo_pipeline_load")?;
         let allow_partial_lora = options.bool("lora.allow_partial")?.unwrap_or(false);
+        let upcast = options
+            .parse("vae.upcast", "auto, always or never", VaeUpcast::parse)?
+            .unwrap_or(VaeUpcast::Auto);
         let folder = ModelFolder::open(dir)?;
         let log = runtime.logger();
         let load = |c: &str| Graph::load(runtime, c, &folder.graph(c));
@@ -121,10 +174,11 @@ impl Pipeline {
             unet.require_input("time_ids")?;
         }
         unet.require_output(&["out_sample"])?;
-        let vae_decoder = load("vae_decoder")?;
+        let load_vae = |c: &str| load_vae(runtime, &folder, c, upcast);
+        let vae_decoder = load_vae("vae_decoder")?;
         vae_decoder.require_input("latent_sample")?;
         let vae_encoder = if folder.has("vae_encoder") {
-            Some(load("vae_encoder")?)
+            Some(load_vae("vae_encoder")?)
         } else {
             None
         };

@@ -141,6 +141,27 @@ impl Graph {
                 path.display()
             )));
         }
+        Self::build(rt, component, path, None, initializers)
+    }
+
+    /// A session from an in-memory `.onnx` (a rewritten graph, see
+    /// [`crate::model::upcast`]); `path` is the file it came from, for messages.
+    pub fn load_from_memory(
+        rt: &Runtime,
+        component: &str,
+        path: &Path,
+        bytes: &[u8],
+    ) -> Result<Graph> {
+        Self::build(rt, component, path, Some(bytes), Vec::new())
+    }
+
+    fn build(
+        rt: &Runtime,
+        component: &str,
+        path: &Path,
+        bytes: Option<&[u8]>,
+        initializers: Vec<(String, DynValue)>,
+    ) -> Result<Graph> {
         let mut builder = rt.session_builder()?;
         for (name, value) in initializers {
             builder = builder.with_initializer(&name, value).map_err(|e| {
@@ -151,7 +172,11 @@ impl Graph {
             })?;
         }
         rt.note_session_built();
-        let session = builder.commit_from_file(path).map_err(|e| {
+        let session = match bytes {
+            Some(b) => builder.commit_from_memory(b),
+            None => builder.commit_from_file(path),
+        }
+        .map_err(|e| {
             Error::new(
                 ErrorCode::InvalidModel,
                 format!("{component}: cannot load {}: {e}", path.display()),

@@ -94,3 +94,24 @@ pub fn spec_for(dir: &std::path::Path, c: &serde_json::Value) -> JobSpec {
     }
     s
 }
+
+/// A model folder in the temp dir: fixture `base` with `component` replaced by
+/// fixture `replacement`, assembled from symlinks (one per test process and
+/// replacement, so parallel tests do not share it).
+pub fn swapped_model(base: &str, component: &str, replacement: &str) -> PathBuf {
+    let tag = replacement.replace('/', "-");
+    let dir = std::env::temp_dir().join(format!("spo-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(fixture(base)).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name();
+        let src = if name == component {
+            fixture(replacement)
+        } else {
+            e.path()
+        };
+        std::os::unix::fs::symlink(src, dir.join(name)).unwrap();
+    }
+    dir
+}
