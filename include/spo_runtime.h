@@ -386,6 +386,11 @@ void spo_options_free(struct spo_options *options);
 // `vae_encoder/`, `tokenizer*/`, `scheduler/`). SDXL or SD 1.5 is told from
 // `model_index.json`; dtypes and shapes are read from the graphs.
 //
+// Options: "lora.allow_partial" (true: LoRA keys matching nothing are
+// warnings), "vae.upcast" ("auto", the default: an fp16 VAE runs in fp32 when
+// its config says force_upcast, as diffusers does; "always"; "never"). A VAE
+// output with inf/NaN fails the job with SPO_ERR_INVALID_MODEL.
+//
 // Ownership: borrows all arguments; `options` may be NULL. On success `*out`
 // is a new pipeline, freed with `spo_pipeline_free`; it keeps the runtime alive.
 // Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
