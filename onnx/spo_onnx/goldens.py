@@ -1,7 +1,7 @@
 """Diffusers reference outputs ("goldens") for the Rust tests, computed with the
 torch pipelines on the tiny diffusers fixtures (fp32, CPU).
 
-    PYTHONPATH=onnx python -m spo_onnx.goldens [--root tests/fixtures] [--only tiny-sdxl] [--lora]
+    PYTHONPATH=onnx python -m spo_onnx.goldens [--root tests/fixtures] [--only tiny-sdxl] [--lora] [--case NAME]
 
 Writes ROOT/goldens/<model>/index.json (+ .npy float32 C-order, .png). The format is described in onnx/DESIGN.md. Scheduler unit
 goldens come from unit_goldens.py.
@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -293,6 +294,7 @@ def case_list(model):
     cases.append(dict(name=f"euler_{wide[0]}x{wide[1]}_cfg5", prompt="a wide landscape", negative_prompt=None, width=wide[0], height=wide[1], steps=5, guidance=5.0, scheduler="euler", eta=0.0, seed=202))
     cases.append(dict(name=f"euler_a_{wide[1]}x{wide[0]}_cfg5_neg", prompt="a tall tower", negative_prompt="ugly", width=wide[1], height=wide[0], steps=4, guidance=5.0, scheduler="euler_a", eta=0.0, seed=203))
     cases.append(dict(name="dpmpp_2m_karras_6steps_cfg7", prompt="an astronaut riding a horse", negative_prompt="lowres", width=64, height=64, steps=6, guidance=7.0, scheduler="dpmpp_2m_karras", eta=0.0, seed=204))
+    cases.append(dict(name="euler_a_2images_cfg5_neg", prompt="a photo of a cat", negative_prompt="blurry", width=64, height=64, steps=4, guidance=5.0, scheduler="euler_a", eta=0.0, seed=206, num_images=2))
     cases.append(dict(name="euler_cfg5_rescale07", prompt="a photo of a cat", negative_prompt="blurry", width=64, height=64, steps=5, guidance=5.0, guidance_rescale=0.7, scheduler="euler", eta=0.0, seed=205))
     for s, sd in (("euler", 301), ("ddim", 302), ("dpmpp_2m", 303), ("euler_a", 304)):
         cases.append(dict(name=f"img2img_{s}_s06_cfg5_neg", prompt="a red square on a gradient", negative_prompt="blurry", width=64, height=64, steps=5, guidance=5.0, scheduler=s, eta=0.0, seed=sd, img2img=True, strength=0.6))
@@ -323,6 +325,7 @@ def run_case(pipe, c, w, init_png, prefix=""):
         guidance_scale=c["guidance"],
         guidance_rescale=c.get("guidance_rescale", 0.0),
         eta=c["eta"],
+        num_images_per_prompt=c.get("num_images", 1),
     )
     if img2img:
         from PIL import Image
@@ -371,6 +374,47 @@ def run_case(pipe, c, w, init_png, prefix=""):
     return entry
 
 
+def write_model_goldens(model, root, lora=False, only_cases=None):
+    """Writes goldens/<model>. `lora`: only the "lora" section (needs the
+    LoRA files). `only_cases`: (re)run just these cases and merge them into the
+    existing index, leaving every other entry and file as it is."""
+    out = os.path.join(root, "goldens", model)
+    pipe = load(model, root)
+    index_path = os.path.join(out, "index.json")
+    if lora or only_cases:
+        with open(index_path) as f:
+            index = json.load(f)
+        w = Writer(out)
+        if lora:
+            from . import lora_goldens
+
+            index["lora"] = lora_goldens.lora_entries(model, pipe, root, w)
+        for c in case_list(model):
+            if only_cases and c["name"] in only_cases:
+                entry = run_case(pipe, c, w, os.path.join(out, "init_64.png"))
+                index["cases"] = [e for e in index["cases"] if e["name"] != c["name"]] + [entry]
+                print(f"{model}: {c['name']}", file=sys.stderr)
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=1, ensure_ascii=False)
+        return
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    w = Writer(out)
+    init_png = os.path.join(out, "init_64.png")
+    init_image().save(init_png)
+    index = {"model": model, "vae_encode": "mean"}
+    index["tokenizer"] = tokenizer_entries(pipe)
+    index["embeddings"] = embedding_entries(pipe, w)
+    index["rng"] = rng_entries(w)
+    index["cases"] = []
+    for c in case_list(model):
+        index["cases"].append(run_case(pipe, c, w, init_png))
+        print(f"{model}: {c['name']}", file=sys.stderr)
+    index["lora"] = []
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=1, ensure_ascii=False)
+
+
 def main(argv=None):
     from .fixtures import BUILDERS
 
@@ -379,11 +423,12 @@ def main(argv=None):
     ap.add_argument("--only", action="append")
     ap.add_argument("--skip-models", action="store_true")
     ap.add_argument("--lora", action="store_true", help="(re)write only the 'lora' section (needs the LoRA files)")
+    ap.add_argument("--case", action="append", help="(re)run only this pipeline case, keeping the rest of the index")
     a = ap.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     if not a.skip_models:
         for model in a.only or list(BUILDERS):
-            write_model_goldens(model, a.root, lora=a.lora)
+            write_model_goldens(model, a.root, lora=a.lora, only_cases=a.case)
 
 
 if __name__ == "__main__":
