@@ -6,7 +6,7 @@ use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
 use ort::session::RunOptions;
 
 use crate::error::{Error, Result};
-use crate::runtime::session::{DType, Graph, Input};
+use crate::runtime::session::{Binding, DType, Graph, Input};
 
 /// Everything the UNet takes besides the latents and the timestep, already
 /// batched as the UNet sees it: rows `[uncond x B, cond x B]` with CFG, else
@@ -19,6 +19,39 @@ pub struct Conditioning {
     pub cfg: bool,
     /// LoRA slot inputs (hot-swap mode), fed unchanged to every UNet call.
     pub lora_slots: std::sync::Arc<Vec<(String, ArrayD<f32>)>>,
+    /// All of the above bound once to the UNet session ([`Conditioning::bind`]),
+    /// so a step passes only the latents and the timestep.
+    pub binding: Option<Binding>,
+}
+
+impl Conditioning {
+    /// Binds the conditioning to `unet` when one call takes the whole batch
+    /// (graphs with a smaller fixed batch are fed row by row, unbound).
+    pub fn bind(&mut self, unet: &Graph) -> Result<()> {
+        let rows = self.encoder_hidden_states.shape()[0];
+        if unet
+            .require_input("sample")?
+            .fixed_dim(0)
+            .is_some_and(|b| b != rows)
+        {
+            return Ok(());
+        }
+        let mut fixed = vec![(
+            "encoder_hidden_states",
+            Input::F32(self.encoder_hidden_states.clone()),
+        )];
+        if let Some(te) = &self.text_embeds {
+            fixed.push(("text_embeds", Input::F32(te.clone())));
+        }
+        if let Some(ti) = &self.time_ids {
+            fixed.push(("time_ids", Input::F32(ti.clone())));
+        }
+        for (name, v) in self.lora_slots.iter() {
+            fixed.push((name.as_str(), Input::F32(v.clone())));
+        }
+        self.binding = Some(unet.bind(fixed, "out_sample")?);
+        Ok(())
+    }
 }
 
 /// Repeats `x` (shape [1, ...]) `n` times along the batch axis.
@@ -56,7 +89,7 @@ pub fn predict_noise(
     unet: &mut Graph,
     latents: &ArrayD<f32>,
     t: f64,
-    cond: &Conditioning,
+    cond: &mut Conditioning,
     guidance: f64,
     guidance_rescale: f64,
     run_options: &RunOptions,
@@ -69,40 +102,47 @@ pub fn predict_noise(
     };
     let rows = sample.shape()[0];
     let fixed_batch = unet.require_input("sample")?.fixed_dim(0);
-    let out = match fixed_batch {
-        Some(fb) if fb != rows => {
-            if rows % fb != 0 {
-                return Err(Error::invalid_model(format!(
-                    "unet fixes batch {fb}, which does not divide {rows} rows"
-                )));
-            }
-            let mut parts = Vec::new();
-            for start in (0..rows).step_by(fb) {
-                let r = start..start + fb;
-                let sl = |a: &ArrayD<f32>| a.slice_axis(Axis(0), r.clone().into()).to_owned();
-                parts.push(unet_call(
-                    unet,
-                    sl(&sample),
-                    t,
-                    sl(&cond.encoder_hidden_states),
-                    cond.text_embeds.as_ref().map(sl),
-                    cond.time_ids.as_ref().map(sl),
-                    &cond.lora_slots,
-                    run_options,
-                )?);
-            }
-            cat_batch(&parts.iter().collect::<Vec<_>>())?
+    let out = match (cond.binding.as_mut(), fixed_batch) {
+        (Some(b), _) => {
+            let timestep = timestep_input(unet, t, rows)?;
+            let step = vec![("sample", Input::F32(sample)), ("timestep", timestep)];
+            unet.run_bound(b, step, Some(run_options))?
         }
-        _ => unet_call(
-            unet,
-            sample,
-            t,
-            cond.encoder_hidden_states.clone(),
-            cond.text_embeds.clone(),
-            cond.time_ids.clone(),
-            &cond.lora_slots,
-            run_options,
-        )?,
+        (None, fixed_batch) => match fixed_batch {
+            Some(fb) if fb != rows => {
+                if rows % fb != 0 {
+                    return Err(Error::invalid_model(format!(
+                        "unet fixes batch {fb}, which does not divide {rows} rows"
+                    )));
+                }
+                let mut parts = Vec::new();
+                for start in (0..rows).step_by(fb) {
+                    let r = start..start + fb;
+                    let sl = |a: &ArrayD<f32>| a.slice_axis(Axis(0), r.clone().into()).to_owned();
+                    parts.push(unet_call(
+                        unet,
+                        sl(&sample),
+                        t,
+                        sl(&cond.encoder_hidden_states),
+                        cond.text_embeds.as_ref().map(sl),
+                        cond.time_ids.as_ref().map(sl),
+                        &cond.lora_slots,
+                        run_options,
+                    )?);
+                }
+                cat_batch(&parts.iter().collect::<Vec<_>>())?
+            }
+            _ => unet_call(
+                unet,
+                sample,
+                t,
+                cond.encoder_hidden_states.clone(),
+                cond.text_embeds.clone(),
+                cond.time_ids.clone(),
+                &cond.lora_slots,
+                run_options,
+            )?,
+        },
     };
     if !cond.cfg {
         return Ok(out);

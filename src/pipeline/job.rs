@@ -377,7 +377,7 @@ impl Job {
         let t = self.scheduler.timesteps()[i];
         let scaled = self.scheduler.scale_model_input(&self.latents, i)?;
         let x = ArrayD::from_shape_vec(IxDyn(&self.shape), scaled).expect("shape");
-        let cond = self.cond.as_ref().expect("prepared");
+        let cond = self.cond.as_mut().expect("prepared");
         let noise_pred = denoise::predict_noise(
             &mut models.unet,
             &x,
@@ -496,13 +496,16 @@ impl Job {
         } else {
             (None, None)
         };
-        self.cond = Some(Conditioning {
+        let mut cond = Conditioning {
             encoder_hidden_states: ehs,
             text_embeds,
             time_ids,
             cfg,
             lora_slots: inner.lora.lock().slot_inputs.clone(),
-        });
+            binding: None,
+        };
+        cond.bind(&inner.models.lock().unet)?;
+        self.cond = Some(cond);
         let n: usize = self.shape.iter().product();
         let noise = match &spec.init_latents {
             Some(l) => l.clone(),

@@ -150,6 +150,18 @@ impl EpSet {
         Ok(())
     }
 
+    /// The CUDA device id when CUDA is the first active provider (where
+    /// sessions place their nodes and bound inputs belong).
+    pub fn cuda_device(&self) -> Option<i32> {
+        (self.active.first() == Some(&Ep::Cuda)).then(|| {
+            self.cuda_options
+                .iter()
+                .find(|(k, _)| k == "device_id")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0)
+        })
+    }
+
     pub fn active_names(&self) -> String {
         self.active
             .iter()

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use half::f16;
 use ndarray::{ArrayD, IxDyn};
-use ort::session::{RunOptions, Session, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, RunOptions, Session, SessionInputValue};
+use ort::value::{DynTensor, DynValue, Tensor, TensorElementType, ValueType};
 
 use super::Runtime;
 use crate::error::{Error, ErrorCode, Result};
@@ -94,6 +95,8 @@ pub struct Graph {
     pub optional_inputs: Vec<IoSpec>,
     pub outputs: Vec<IoSpec>,
     session: Session,
+    /// The CUDA device the session runs on, when CUDA is the first provider.
+    cuda_device: Option<i32>,
 }
 
 fn io_spec(name: &str, ty: &ValueType, path: &Path) -> Result<IoSpec> {
@@ -198,6 +201,7 @@ impl Graph {
             .map(|o| io_spec(o.name(), o.dtype(), path))
             .collect::<Result<_>>()?;
         Ok(Graph {
+            cuda_device: rt.eps().cuda_device(),
             component: component.to_owned(),
             path: path.to_owned(),
             inputs,
@@ -253,40 +257,15 @@ impl Graph {
         let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
             Vec::with_capacity(inputs.len());
         for (name, input) in inputs {
-            let spec = self.require_input(name)?.clone();
-            self.check_shape(&spec, input.shape())?;
-            let value: DynValue = match (input, spec.dtype) {
-                (Input::F32(a), DType::F32) => Tensor::from_array(a)?.into_dyn(),
-                (Input::F32(a), DType::F16) => {
-                    Tensor::from_array(a.mapv(f16::from_f32))?.into_dyn()
-                }
-                (Input::F32(a), DType::I64) => Tensor::from_array(a.mapv(|v| v as i64))?.into_dyn(),
-                (Input::F32(a), DType::I32) => Tensor::from_array(a.mapv(|v| v as i32))?.into_dyn(),
-                (Input::I64(a), DType::I64) => Tensor::from_array(a)?.into_dyn(),
-                (Input::I64(a), DType::I32) => Tensor::from_array(a.mapv(|v| v as i32))?.into_dyn(),
-                (Input::I64(a), DType::F32) => Tensor::from_array(a.mapv(|v| v as f32))?.into_dyn(),
-                (Input::I64(a), DType::F16) => {
-                    Tensor::from_array(a.mapv(|v| f16::from_f32(v as f32)))?.into_dyn()
-                }
-            };
-            values.push((
-                Cow::Owned(spec.name.clone()),
-                SessionInputValue::from(value),
-            ));
+            let (name, value) = self.input_value(name, input)?;
+            values.push((Cow::Owned(name), SessionInputValue::from(value)));
         }
         let component = self.component.clone();
         let result = match options {
             Some(o) => self.session.run_with_options(values, o),
             None => self.session.run(values),
         };
-        let out = result.map_err(|e| {
-            let msg = e.to_string();
-            if msg.to_ascii_lowercase().contains("terminate") {
-                Error::new(ErrorCode::Cancelled, format!("{component}: run cancelled"))
-            } else {
-                Error::new(ErrorCode::Ort, format!("{component}: {msg}"))
-            }
-        })?;
+        let out = result.map_err(|e| run_error(&component, e))?;
         outputs
             .iter()
             .map(|name| {
@@ -296,6 +275,76 @@ impl Graph {
                 to_f32(v).map_err(|e| e.context(format!("{component} output '{name}'")))
             })
             .collect()
+    }
+
+    /// Binds `fixed` inputs once for a series of [`Graph::run_bound`] calls
+    /// that share them (a job's conditioning and LoRA slot tensors). On CUDA
+    /// they are copied to the device here, once, instead of on every run.
+    pub fn bind(&self, fixed: Vec<(&str, Input)>, output: &str) -> Result<Binding> {
+        let out = self.require_output(&[output])?.name.clone();
+        let mut io = self.session.create_binding()?;
+        for (name, input) in fixed {
+            let (name, value) = self.input_value(name, input)?;
+            let value = match self.cuda_device {
+                // A host copy still works (ONNX Runtime then copies per run).
+                Some(id) => value.to(AllocationDevice::CUDA, id).unwrap_or(value),
+                None => value,
+            };
+            io.bind_input(name, &value)?;
+        }
+        // The scheduler runs on the host, so the output comes back there.
+        let host = MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )?;
+        io.bind_output_to_device(out.clone(), &host)?;
+        Ok(Binding { io, output: out })
+    }
+
+    /// One run with the inputs bound by [`Graph::bind`] plus `inputs` (the
+    /// per-call ones, bound now); returns the bound output as f32.
+    pub fn run_bound(
+        &mut self,
+        binding: &mut Binding,
+        inputs: Vec<(&str, Input)>,
+        options: Option<&RunOptions>,
+    ) -> Result<ArrayD<f32>> {
+        for (name, input) in inputs {
+            let (name, value) = self.input_value(name, input)?;
+            binding.io.bind_input(name, &value)?;
+        }
+        let component = self.component.clone();
+        let result = match options {
+            Some(o) => self.session.run_binding_with_options(&binding.io, o),
+            None => self.session.run_binding(&binding.io),
+        };
+        let out = result.map_err(|e| run_error(&component, e))?;
+        let v = out.get(binding.output.as_str()).ok_or_else(|| {
+            Error::invalid_model(format!("{component}: no output '{}'", binding.output))
+        })?;
+        to_f32(v).map_err(|e| e.context(format!("{component} output '{}'", binding.output)))
+    }
+
+    /// `input` as an ONNX Runtime value of the graph's dtype for `name`,
+    /// after checking its shape against the graph's fixed dimensions.
+    fn input_value(&self, name: &str, input: Input) -> Result<(String, DynTensor)> {
+        let spec = self.require_input(name)?;
+        self.check_shape(spec, input.shape())?;
+        let value: DynTensor = match (input, spec.dtype) {
+            (Input::F32(a), DType::F32) => Tensor::from_array(a)?.upcast(),
+            (Input::F32(a), DType::F16) => Tensor::from_array(a.mapv(f16::from_f32))?.upcast(),
+            (Input::F32(a), DType::I64) => Tensor::from_array(a.mapv(|v| v as i64))?.upcast(),
+            (Input::F32(a), DType::I32) => Tensor::from_array(a.mapv(|v| v as i32))?.upcast(),
+            (Input::I64(a), DType::I64) => Tensor::from_array(a)?.upcast(),
+            (Input::I64(a), DType::I32) => Tensor::from_array(a.mapv(|v| v as i32))?.upcast(),
+            (Input::I64(a), DType::F32) => Tensor::from_array(a.mapv(|v| v as f32))?.upcast(),
+            (Input::I64(a), DType::F16) => {
+                Tensor::from_array(a.mapv(|v| f16::from_f32(v as f32)))?.upcast()
+            }
+        };
+        Ok((spec.name.clone(), value))
     }
 
     fn check_shape(&self, spec: &IoSpec, shape: &[usize]) -> Result<()> {
@@ -315,6 +364,22 @@ impl Graph {
                 spec.describe()
             )))
         }
+    }
+}
+
+/// Inputs bound to one session for repeated runs (see [`Graph::bind`]).
+pub struct Binding {
+    io: IoBinding,
+    output: String,
+}
+
+/// A terminated run (cancellation) is `Cancelled`; anything else is `Ort`.
+fn run_error(component: &str, e: ort::Error) -> Error {
+    let msg = e.to_string();
+    if msg.to_ascii_lowercase().contains("terminate") {
+        Error::new(ErrorCode::Cancelled, format!("{component}: run cancelled"))
+    } else {
+        Error::new(ErrorCode::Ort, format!("{component}: {msg}"))
     }
 }
 
