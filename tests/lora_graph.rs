@@ -3,6 +3,8 @@
 //! TorchScript without constant folding, dynamo), cross-checked against the
 //! module list and weights PyTorch itself wrote (`params.json`, `weights.safetensors`).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -52,23 +54,6 @@ fn torch_weights() -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
-/// Weight values re-ordered to PyTorch layout.
-fn to_torch(layout: WeightLayout, stored: &[usize], v: &[f32]) -> Vec<f32> {
-    match layout {
-        WeightLayout::LinearInOut => {
-            let (i, o) = (stored[0], stored[1]);
-            let mut t = vec![0.0; v.len()];
-            for a in 0..i {
-                for b in 0..o {
-                    t[b * i + a] = v[a * o + b];
-                }
-            }
-            t
-        }
-        _ => v.to_vec(),
-    }
-}
-
 fn check_export(sub: &str, expect_inout: bool) {
     let path = fixtures().join("tiny_unet").join(sub).join("model.onnx");
     let g = OnnxGraph::open(&path).unwrap();
@@ -99,7 +84,7 @@ fn check_export(sub: &str, expect_inout: bool) {
         }
         let (dims, v) = g.read_f32(&t.initializer).unwrap();
         assert_eq!(dims, t.shape);
-        let got = to_torch(t.layout, &dims, &v);
+        let got = common::to_torch_layout(t.layout, &dims, &v);
         assert_eq!(
             &got,
             &weights[&format!("{module}.weight")],

@@ -15,77 +15,9 @@ use common::*;
 use spo_runtime::pipeline::{Lora, LoraMode, Pipeline};
 use spo_runtime::{ErrorCode, Options};
 
-const LATENT_TOL: f32 = 1e-4;
-
-fn run_case(p: &Pipeline, dir: &std::path::Path, case: &serde_json::Value) -> ndarray::ArrayD<f32> {
-    let mut job = p.job(spec_for(dir, case)).unwrap();
-    job.run().unwrap();
-    job.latents().unwrap()
-}
-
 fn check_model(model: &str, all_forms_for_every_entry: bool) {
     let p = Pipeline::load(&runtime(), &fixture(model), &Options::new()).unwrap();
-    let gdir = fixture(&format!("goldens/{model}"));
-    let index = read_json(&gdir.join("index.json"));
-    let entries = index["lora"].as_array().unwrap();
-    assert!(!entries.is_empty(), "{model}: no LoRA goldens");
-    let mut failures = Vec::new();
-    let mut worst = 0f32;
-    for (i, e) in entries.iter().enumerate() {
-        let name = e["name"].as_str().unwrap();
-        let mults: Vec<f32> = serde_json::from_value(e["multipliers"].clone()).unwrap();
-        let want = read_npy(&gdir.join(e["latents"].as_str().unwrap()));
-        for (form, files) in e["files"].as_object().unwrap() {
-            // A form the exporter could not write for this model (kohya SGM names
-            // exist for SDXL only) is null.
-            if files.is_null()
-                || files.as_array().unwrap().iter().any(|f| f.is_null())
-                || (!all_forms_for_every_entry && i > 0 && form != "kohya_flat")
-            {
-                continue;
-            }
-            let loras: Vec<(Lora, f32)> = files
-                .as_array()
-                .unwrap()
-                .iter()
-                .zip(&mults)
-                .map(|(f, m)| (Lora::open(&fixture(f.as_str().unwrap())).unwrap(), *m))
-                .collect();
-            let res = p
-                .set_loras(&loras, LoraMode::Merge)
-                .unwrap_or_else(|e| panic!("{model} {name} {form}: {e}"));
-            assert!(
-                res.iter().all(|r| r.unmatched.is_empty()),
-                "{model} {name} {form}: unmatched keys"
-            );
-            assert_eq!(p.info("lora.mode").as_deref(), Some("merge"));
-            let got = run_case(&p, &gdir, &e["case"]);
-            let (d, m) = max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap());
-            worst = worst.max(d / m.max(1.0));
-            if d > LATENT_TOL * m.max(1.0) {
-                failures.push(format!("{name} [{form}]: max diff {d:.2e}"));
-            }
-        }
-    }
-    // Removing every LoRA gives the base model back.
-    p.set_loras(&[], LoraMode::Merge).unwrap();
-    assert_eq!(p.info("lora.mode").as_deref(), Some("none"));
-    let base = read_npy(&gdir.join(entries[0]["base_latents"].as_str().unwrap()));
-    let got = run_case(&p, &gdir, &entries[0]["case"]);
-    let (d, m) = max_abs_diff(got.as_slice().unwrap(), base.as_slice().unwrap());
-    assert!(
-        d <= LATENT_TOL * m.max(1.0),
-        "{model}: base after removing LoRAs off by {d}"
-    );
-    eprintln!(
-        "{model}: {} LoRA goldens x 3 forms, worst relative latent diff {worst:.2e}",
-        entries.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{model} LoRA cases off the diffusers goldens:\n{}",
-        failures.join("\n")
-    );
+    check_lora_goldens(model, model, &p, all_forms_for_every_entry);
 }
 
 #[test]

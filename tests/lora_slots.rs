@@ -9,12 +9,6 @@ use common::*;
 use spo_runtime::pipeline::{Lora, LoraMode, Pipeline};
 use spo_runtime::{ErrorCode, Options};
 
-fn latents(p: &Pipeline, gdir: &std::path::Path, case: &serde_json::Value) -> ndarray::ArrayD<f32> {
-    let mut job = p.job(spec_for(gdir, case)).unwrap();
-    job.run().unwrap();
-    job.latents().unwrap()
-}
-
 #[test]
 fn slots_match_diffusers_and_switch_without_rebuild() {
     // Its own runtime, so the session counter sees only this test.
@@ -23,8 +17,8 @@ fn slots_match_diffusers_and_switch_without_rebuild() {
         Default::default(),
     )
     .unwrap();
-    let dir = swapped_model("tiny-sd15", "unet", "tiny-sd15-slots/unet");
-    let p = Pipeline::load(&rt, &dir, &Options::new()).unwrap();
+    let model = SwappedModel::new("tiny-sd15", "unet", "tiny-sd15-slots/unet");
+    let p = Pipeline::load(&rt, &model.dir, &Options::new()).unwrap();
     let gdir = fixture("goldens/tiny-sd15");
     let index = read_json(&gdir.join("index.json"));
     let entry = index["lora"]
@@ -45,7 +39,7 @@ fn slots_match_diffusers_and_switch_without_rebuild() {
         built,
         "slots mode must not rebuild sessions"
     );
-    let got = latents(&p, &gdir, &entry["case"]);
+    let got = run_case(&p, &gdir, &entry["case"]);
     let want = read_npy(&gdir.join(entry["latents"].as_str().unwrap()));
     let (d, m) = max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap());
     assert!(
@@ -57,7 +51,7 @@ fn slots_match_diffusers_and_switch_without_rebuild() {
     p.set_loras(&[], LoraMode::Slots).unwrap();
     assert_eq!(rt.sessions_built(), built);
     let base = read_npy(&gdir.join(entry["base_latents"].as_str().unwrap()));
-    let got = latents(&p, &gdir, &entry["case"]);
+    let got = run_case(&p, &gdir, &entry["case"]);
     let (d, m) = max_abs_diff(got.as_slice().unwrap(), base.as_slice().unwrap());
     assert!(
         d <= 1e-4 * m.max(1.0),
@@ -81,5 +75,4 @@ fn slots_match_diffusers_and_switch_without_rebuild() {
         e.message.contains("no LoRA slot") && e.message.contains("lora_te"),
         "{e}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

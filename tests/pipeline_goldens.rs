@@ -13,13 +13,13 @@ mod common;
 
 use common::*;
 use spo_runtime::pipeline::rng::TorchRng;
-use spo_runtime::pipeline::{Image, Pipeline};
+use spo_runtime::pipeline::Pipeline;
 use spo_runtime::text::ClipTokenizer;
 use spo_runtime::Options;
 
+// LATENT_TOL and IMAGE_TOL are in common (shared with the LoRA and
+// dynamo-UNet tests).
 const EMBED_TOL: f32 = 1e-4;
-const LATENT_TOL: f32 = 1e-4;
-const IMAGE_TOL: u8 = 1;
 
 fn golden_dir(model: &str) -> std::path::PathBuf {
     fixture(&format!("goldens/{model}"))
@@ -94,90 +94,11 @@ fn embeddings(model: &str, p: &Pipeline, index: &serde_json::Value) {
     }
 }
 
-fn cases(model: &str, p: &Pipeline, index: &serde_json::Value) {
-    let dir = golden_dir(model);
-    let mut failures = Vec::new();
-    let mut worst = (0.0f32, 0u8);
-    for c in index["cases"].as_array().unwrap() {
-        let name = c["name"].as_str().unwrap();
-        let mut job = p.job(spec_for(&dir, c)).unwrap();
-        // The x0 preview is in place, for the step just done, when progress runs.
-        let slot = job.preview_slot();
-        job.set_progress(Some(Box::new(move |done, _| {
-            slot.lock().as_ref().is_some_and(|p| p.step == done)
-        })));
-        job.run().unwrap_or_else(|e| panic!("{model} {name}: {e}"));
-        let got = job.latents().unwrap();
-        let want = read_npy(&dir.join(c["latents"].as_str().unwrap()));
-        assert_eq!(got.shape(), want.shape(), "{model} {name} latent shape");
-        let (d, m) = max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap());
-        let tol = LATENT_TOL * m.max(1.0);
-        // Every scheduler here but DDIM (whose final alpha is alphas_cumprod[0]
-        // with set_alpha_to_one=false) ends at noise level 0, where the last
-        // step's x0 is the final sample: diffusers' latents check the preview.
-        let preview = job.preview_slot().lock().clone().unwrap();
-        assert_eq!(preview.step, job.total_steps(), "{name} preview step");
-        assert_eq!(&preview.shape[..], want.shape(), "{name} preview shape");
-        if c["scheduler"] != "ddim" {
-            let (dp, _) = max_abs_diff(&preview.latents, want.as_slice().unwrap());
-            if dp > tol {
-                failures.push(format!(
-                    "{name}: last x0 preview off the final latents by {dp:.2e}"
-                ));
-            }
-        }
-        let images = job.take_images().unwrap();
-        let golden = Image::read_png(&dir.join(c["image"].as_str().unwrap())).unwrap();
-        let img_d = images[0]
-            .rgb
-            .iter()
-            .zip(&golden.rgb)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap_or(255);
-        // Further images (num_images > 1) against diffusers' float output,
-        // quantised as its numpy_to_pil does.
-        let want_images = read_npy(&dir.join(c["image_f32"].as_str().unwrap()));
-        assert_eq!(images.len(), want_images.shape()[0], "{name} image count");
-        let mut img_d = img_d;
-        for (img, want) in images.iter().zip(want_images.outer_iter()).skip(1) {
-            let d = img
-                .rgb
-                .iter()
-                .zip(want.iter())
-                .map(|(a, b)| a.abs_diff((b * 255.0).round() as u8))
-                .max()
-                .unwrap_or(255);
-            img_d = img_d.max(d);
-        }
-        worst = (worst.0.max(d / m.max(1.0)), worst.1.max(img_d));
-        if d > tol
-            || img_d > IMAGE_TOL
-            || (images[0].width, images[0].height) != (golden.width, golden.height)
-        {
-            failures.push(format!(
-                "{name}: latents max diff {d:.2e} (tol {tol:.2e}), image max diff {img_d}"
-            ));
-        }
-    }
-    eprintln!(
-        "{model}: {} cases, worst relative latent diff {:.2e}, worst pixel diff {}",
-        index["cases"].as_array().unwrap().len(),
-        worst.0,
-        worst.1
-    );
-    assert!(
-        failures.is_empty(),
-        "{model} cases off the diffusers goldens:\n{}",
-        failures.join("\n")
-    );
-}
-
 fn run_model(model: &str) {
     let (p, index) = load(model);
     tokenizer_ids(model, &index);
     embeddings(model, &p, &index);
-    cases(model, &p, &index);
+    check_golden_cases(model, model, &p);
 }
 
 #[test]

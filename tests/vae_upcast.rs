@@ -67,7 +67,8 @@ fn fp16_overflow_is_an_error_naming_the_fix() {
 /// (`force_upcast: true`), `never` keeps fp16 and the job fails cleanly.
 #[test]
 fn pipeline_upcasts_by_config_and_option() {
-    let dir = swapped_model("tiny-sd15", "vae_decoder", "vae-fp16-overflow/vae_decoder");
+    let model = SwappedModel::new("tiny-sd15", "vae_decoder", "vae-fp16-overflow/vae_decoder");
+    let dir = &model.dir;
     let rt = runtime();
     let spec = JobSpec {
         prompt: "a lighthouse".into(),
@@ -78,7 +79,7 @@ fn pipeline_upcasts_by_config_and_option() {
     };
     let io = |p: &Pipeline| p.info("io.vae_decoder").unwrap();
 
-    let p = Pipeline::load(&rt, &dir, &Options::new()).unwrap();
+    let p = Pipeline::load(&rt, dir, &Options::new()).unwrap();
     assert!(io(&p).contains("latent_sample float32"), "{}", io(&p));
     let mut job = p.job(spec.clone()).unwrap();
     job.run().unwrap();
@@ -87,7 +88,7 @@ fn pipeline_upcasts_by_config_and_option() {
 
     let mut o = Options::new();
     o.set("vae.upcast", "never").unwrap();
-    let p = Pipeline::load(&rt, &dir, &o).unwrap();
+    let p = Pipeline::load(&rt, dir, &o).unwrap();
     assert!(io(&p).contains("latent_sample float16"), "{}", io(&p));
     let e = p.job(spec.clone()).unwrap().run().unwrap_err();
     assert!(e.message.contains("non-finite"), "{}", e.message);
@@ -95,7 +96,7 @@ fn pipeline_upcasts_by_config_and_option() {
     assert!(p.job(spec).is_ok());
 
     o.set("vae.upcast", "sometimes").unwrap();
-    let e = Pipeline::load(&rt, &dir, &o).err().unwrap();
+    let e = Pipeline::load(&rt, dir, &o).err().unwrap();
     assert_eq!(e.code, ErrorCode::InvalidOptionValue);
     assert!(e.message.contains("vae.upcast"), "{}", e.message);
 }

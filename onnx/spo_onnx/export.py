@@ -25,6 +25,11 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_OPSET = 17
+# The dynamo exporter implements opset 18 and up. Asked for less, torch runs
+# onnx's C version converter afterwards, which drops every node's
+# metadata_props, and with them the `pkg.torch.onnx.name_scopes` that name the
+# module of an anonymous (constant-folded) weight; so dynamo exports use >= 18.
+DYNAMO_MIN_OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 1024
 TWO_GB = 2**31 - 2**26  # stay well below the protobuf limit
 
@@ -106,10 +111,55 @@ def _export(module, args, path, input_names, output_names, dynamic_axes, opset, 
         do_constant_folding=True,
     )
     if dynamo:
-        # dynamo: dynamic shapes given as dynamic_axes are converted by torch
-        torch.onnx.export(module, args, path, dynamo=True, dynamic_axes=dynamic_axes, external_data=True, **kwargs)
+        kwargs["opset_version"] = max(opset, DYNAMO_MIN_OPSET)
+        kwargs.pop("do_constant_folding")  # TorchScript-only; dynamo runs its own optimizer
+        shapes = _dynamic_shapes(module, input_names, dynamic_axes)
+        torch.onnx.export(module, args, path, dynamo=True, dynamic_shapes=shapes, external_data=True, **kwargs)
+        _trim_dynamo_metadata(path)
     else:
         torch.onnx.export(module, args, path, dynamo=False, dynamic_axes=dynamic_axes, **kwargs)
+
+
+def _trim_dynamo_metadata(path):
+    """Keeps only `pkg.torch.onnx.name_scopes` of the dynamo exporter's node
+    metadata (what LoRA resolution reads). The rest (stack traces, FX node
+    reprs, class hierarchies) is about three times the size of the graph and
+    holds this machine's source paths, which would make exports differ between
+    machines. The weights stay in the external data file beside `path`."""
+    import onnx
+
+    m = onnx.load(path, load_external_data=False)
+    for node in m.graph.node:
+        keep = [(p.key, p.value) for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"]
+        del node.metadata_props[:]
+        for k, v in keep:
+            node.metadata_props.add(key=k, value=v)
+        node.doc_string = ""
+    onnx.save_model(m, path)
+
+
+def _dynamic_shapes(module, input_names, dynamic_axes):
+    """dynamic_axes -> torch.export dynamic_shapes. torch's own conversion
+    cannot map names onto a `forward(self, *a)` (the patched UNet forward), so
+    the specs are built here: one per positional input, in order, wrapped in one
+    more tuple when forward takes varargs. Dim.DYNAMIC lets torch.export derive
+    the relations itself (equal batch sizes, latent sizes that are multiples of
+    the upsampling factor) and fails if an input axis gets specialised; an
+    intermediate size of 1 is still specialised silently (see export_unet)."""
+    import inspect
+
+    if not dynamic_axes:
+        return None
+    specs = []
+    for name in input_names:
+        axes = dynamic_axes.get(name) or {}
+        if not isinstance(axes, dict):
+            axes = {a: None for a in axes}
+        specs.append({int(a): torch.export.Dim.DYNAMIC for a in axes} or None)
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
+        return (tuple(specs),)
+    return tuple(specs)
 
 
 def _model_bytes(model):
@@ -274,6 +324,16 @@ def export_unet(unet, out_dir, sdxl, dtype, opset, dynamo, batch, static_hw, lor
         up = 2 ** (len(cfg.block_out_channels) - 1)
         lh = max(up, (lh // up) * up)
         lw = max(up, (lw // up) * up)
+        if dynamo:
+            # torch.export specialises any size that is 0 or 1 while tracing to
+            # that constant: a latent of `up` gives a 1x1 mid block, and the graph
+            # then only runs at the trace size. Trace with every level at least
+            # 2x2, and non-square so that no height/width equality is assumed.
+            lh, lw = max(lh, 2 * up), max(lw, 2 * up)
+            if lh == lw:
+                lw += up
+        if dynamo and batch < 2:
+            raise ValueError("dynamo export with dynamic shapes needs a trace batch >= 2 (a batch of 1 is specialised)")
     g = torch.Generator().manual_seed(0)
     sample = torch.randn(batch, cfg.in_channels, lh, lw, generator=g).to(dtype)
     timestep = torch.full((batch,), 999.0, dtype=torch.float32)
@@ -370,6 +430,26 @@ def _scope_path(node_name):
     return ".".join(out)
 
 
+def _node_scope(node):
+    """The module path of a node: from the dynamo exporter's
+    `pkg.torch.onnx.name_scopes` metadata ("['', 'down_blocks.0', ...,
+    'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q', 'linear']": the
+    last entry is the op, the one before it the module), else from the
+    TorchScript node name."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                import ast
+
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                break
+            if isinstance(scopes, list) and len(scopes) >= 2 and scopes[-2]:
+                return scopes[-2]
+            break
+    return _scope_path(node.name)
+
+
 def _digest(arr):
     return hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
@@ -400,7 +480,7 @@ def lora_targets(unet, model, dtype):
             via = producers[w].op_type
             w = producers[w].input[0]
         if w in inits:
-            by_scope.setdefault(_scope_path(n.name), []).append((w, n.op_type, n.name, via))
+            by_scope.setdefault(_node_scope(n), []).append((w, n.op_type, n.name, via))
 
     by_hash = None
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
@@ -570,6 +650,9 @@ def export_pipeline(
         save_tokenizer(pipe.tokenizer_2, os.path.join(out, "tokenizer_2"), src_dir and os.path.join(src_dir, "tokenizer_2"))
 
     b = batch or 1
+    if dynamo and static_hw is None:
+        # torch.export specialises a size of 1 seen while tracing (see export_unet)
+        b = max(b, 2)
     if "text_encoder" in components:
         export_text_encoder(pipe.text_encoder, os.path.join(out, "text_encoder"), False, opset, dynamo, b, static_hw is not None, fp16)
         print(f"text_encoder done ({time.time() - t0:.1f}s)", file=sys.stderr)

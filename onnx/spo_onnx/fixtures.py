@@ -5,7 +5,10 @@ exports them with spo_onnx.export.
     PYTHONPATH=onnx python -m spo_onnx.fixtures [--root tests/fixtures] [--only tiny-sdxl] [--no-onnx]
 
 Outputs: ROOT/diffusers/tiny-sdxl, ROOT/diffusers/tiny-sd15 (save_pretrained,
-safetensors) and ROOT/tiny-sdxl, ROOT/tiny-sd15 (ONNX layout).
+safetensors) and ROOT/tiny-sdxl, ROOT/tiny-sd15 (ONNX layout), and the UNet
+variants in UNET_VARIANTS: ROOT/<variant>/unet only, exported from the saved
+diffusers folder of their base model (tests pair them with the base model's
+other components). `--only tiny-sd15-dynamo` rebuilds just that one.
 """
 
 import argparse
@@ -170,6 +173,27 @@ def build_sd15():
 
 BUILDERS = {"tiny-sdxl": (build_sdxl, SDXL_SCHEDULER), "tiny-sd15": (build_sd15, SD15_SCHEDULER)}
 
+# variant -> (base model, export_unet keyword arguments)
+UNET_VARIANTS = {
+    # the dynamo exporter (tests/lora_dynamo.rs; ~2-4 min to export on 2 cores)
+    "tiny-sd15-dynamo": ("tiny-sd15", {"dynamo": True}),
+}
+
+
+def export_unet_variant(root, name):
+    """ROOT/<name>/unet from ROOT/diffusers/<base> (must exist)."""
+    from . import export
+
+    base, kw = UNET_VARIANTS[name]
+    pipe = export.load_pipeline(os.path.join(root, "diffusers", base))
+    out = os.path.join(root, name)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    opts = dict(sdxl=export.is_sdxl(pipe), dtype=torch.float32, opset=export.DEFAULT_OPSET, dynamo=False, batch=2, static_hw=None, lora_slots=0)
+    opts.update(kw)
+    export.export_unet(pipe.unet, os.path.join(out, "unet"), **opts)
+    return out
+
 
 def save_diffusers(pipe, out, scheduler_json):
     if os.path.exists(out):
@@ -201,7 +225,11 @@ def main(argv=None):
     ap.add_argument("--no-onnx", action="store_true")
     a = ap.parse_args(argv)
     torch.use_deterministic_algorithms(True)
-    for name in a.only or list(BUILDERS):
+    for name in a.only or list(BUILDERS) + list(UNET_VARIANTS):
+        if name in UNET_VARIANTS:
+            if not a.no_onnx:
+                print(f"exported {export_unet_variant(a.root, name)}")
+            continue
         builder, sched = BUILDERS[name]
         pipe = builder()
         ddir = os.path.join(a.root, "diffusers", name)

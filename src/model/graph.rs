@@ -8,7 +8,10 @@
 //! * TorchScript node scopes (`/down_blocks.1/attentions.0/.../to_q/MatMul`) with an
 //!   anonymous `onnx::MatMul_N` weight stored `[in, out]`;
 //! * the dynamo exporter's node metadata `pkg.torch.onnx.name_scopes`, whose last
-//!   module scope names the module of an anonymous `val_N` weight.
+//!   module scope names the module of an anonymous `val_N` weight. (Only graphs
+//!   saved at the exporter's own opset, 18 or more, have it: onnx's version
+//!   converter, which torch runs for a lower `opset_version`, drops node
+//!   metadata; such graphs need their `lora_targets.json`.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;

@@ -333,3 +333,51 @@ def test_fixtures_reproducible(exported, name):
         assert ia.keys() == ib.keys()
         for k in ia:
             np.testing.assert_array_equal(ia[k], ib[k])
+
+
+# ----------------------------------------------------------------------------- dynamo exporter
+
+
+def test_dynamo_fixture():
+    """The committed dynamo UNet (tests/fixtures/tiny-sd15-dynamo, from
+    `spo_onnx.fixtures --only tiny-sd15-dynamo`; exporting it takes minutes, so
+    the fixture is checked rather than re-exported): dynamic in batch and in
+    both latent sides (nothing specialised to the trace shape), name-scope
+    metadata kept for LoRA, and lora_targets.json matching the diffusers weights."""
+    d = os.path.join(FIX, "tiny-sd15-dynamo", "unet")
+    pipe = export.load_pipeline(os.path.join(FIX, "diffusers", "tiny-sd15"))
+    s = session(os.path.join(d, "model.onnx"))
+    for b, h, w in [(1, 8, 8), (2, 16, 8), (3, 8, 24)]:
+        feed, kw = unet_inputs(pipe, b, h, w, sdxl=False)
+        got = s.run(None, {k: v.numpy() for k, v in feed.items()})[0]
+        _close(got, unet_torch(pipe.unet, feed, kw))
+    m = onnx.load(os.path.join(d, "model.onnx"), load_external_data=False)
+    assert m.opset_import[0].version >= export.DYNAMO_MIN_OPSET
+    keys = {p.key for n in m.graph.node for p in n.metadata_props}
+    assert keys == {"pkg.torch.onnx.name_scopes"}
+    with open(os.path.join(d, "lora_targets.json")) as f:
+        t = json.load(f)
+    assert t["missing"] == []
+    params = dict(pipe.unet.named_parameters())
+    inits = {i.name: i for i in m.graph.initializer}
+    for e in t["modules"]:
+        # found through the node's name scope, not by the fallback value hash
+        assert e["node"], e["module"]
+        arr = onnx.numpy_helper.to_array(inits[e["initializer"]], base_dir=d)
+        w = params[e["module"] + ".weight"].detach().numpy()
+        np.testing.assert_array_equal(arr, w.T if e["layout"] == "linear_in_out" else w)
+
+
+def test_dynamic_shapes_for_varargs_forward():
+    """dynamic_axes -> torch.export specs, one per input; a `forward(self, *a)`
+    (the patched UNet) takes them as one tuple."""
+    import types
+
+    lin = torch.nn.Linear(2, 2)
+    axes = {"x": {0: "batch"}, "y": {0: "batch", 1: "n"}}
+    assert export._dynamic_shapes(lin, ["x"], axes) == ({0: torch.export.Dim.DYNAMIC},)
+    lin.forward = types.MethodType(lambda self, *a: a[0], lin)
+    got = export._dynamic_shapes(lin, ["x", "z", "y"], axes)
+    D = torch.export.Dim.DYNAMIC
+    assert got == (({0: D}, None, {0: D, 1: D}),)
+    assert export._dynamic_shapes(lin, ["x"], None) is None
