@@ -5,7 +5,11 @@ exports them with spo_onnx.export.
     PYTHONPATH=onnx python -m spo_onnx.fixtures [--root tests/fixtures] [--only tiny-sdxl] [--no-onnx]
 
 Outputs: ROOT/diffusers/tiny-sdxl, ROOT/diffusers/tiny-sd15 (save_pretrained,
-safetensors) and ROOT/tiny-sdxl, ROOT/tiny-sd15 (ONNX layout).
+safetensors), ROOT/tiny-sdxl, ROOT/tiny-sd15 (ONNX layout) and
+ROOT/tiny-sd15-slots/unet (the tiny SD 1.5 UNet exported with --lora-slots 4).
+
+Every tokenizer's vocab.json / merges.txt is a relative symlink to
+tests/fixtures/clip-tokenizer (the same 1.5 MB pair, stored once).
 """
 
 import argparse
@@ -171,6 +175,32 @@ def build_sd15():
 BUILDERS = {"tiny-sdxl": (build_sdxl, SDXL_SCHEDULER), "tiny-sd15": (build_sd15, SD15_SCHEDULER)}
 
 
+SLOTS_RANK = 4
+
+
+def link_clip_vocab(tok_dir, check=True):
+    """Replaces tok_dir/{vocab.json,merges.txt} with relative symlinks to the
+    shared clip-tokenizer copies; with `check`, the replaced files must hold
+    the same bytes."""
+    for fname in ("vocab.json", "merges.txt"):
+        src = os.path.join(CLIP_VOCAB_DIR, fname)
+        dst = os.path.join(tok_dir, fname)
+        if os.path.lexists(dst) and check:
+            with open(src, "rb") as a, open(dst, "rb") as b:
+                if a.read() != b.read():
+                    raise ValueError(f"{dst} differs from {src}")
+        if os.path.lexists(dst):
+            os.remove(dst)
+        os.symlink(os.path.relpath(src, tok_dir), dst)
+
+
+def link_tokenizers(model_dir):
+    for tok in ("tokenizer", "tokenizer_2"):
+        d = os.path.join(model_dir, tok)
+        if os.path.isdir(d):
+            link_clip_vocab(d)
+
+
 def save_diffusers(pipe, out, scheduler_json):
     if os.path.exists(out):
         shutil.rmtree(out)
@@ -181,8 +211,8 @@ def save_diffusers(pipe, out, scheduler_json):
     for tok in ("tokenizer", "tokenizer_2"):
         d = os.path.join(out, tok)
         if os.path.isdir(d):
-            for fname in ("vocab.json", "merges.txt"):
-                shutil.copyfile(os.path.join(CLIP_VOCAB_DIR, fname), os.path.join(d, fname))
+            # save_pretrained rewrites the vocabulary; link the original files
+            link_clip_vocab(d, check=False)
             # tokenizer.json (3.6 MB) is redundant with vocab.json + merges.txt +
             # tokenizer_config.json; transformers rebuilds the same tokenizer
             os.remove(os.path.join(d, "tokenizer.json"))
@@ -212,7 +242,19 @@ def main(argv=None):
             if os.path.exists(out):
                 shutil.rmtree(out)
             export.export_pipeline(ddir, out)
+            link_tokenizers(out)
             print(f"exported {out}")
+            if name == "tiny-sd15":
+                slots = os.path.join(a.root, "tiny-sd15-slots")
+                if os.path.exists(slots):
+                    shutil.rmtree(slots)
+                export.export_pipeline(ddir, slots, lora_slots=SLOTS_RANK, components=("unet",))
+                # only the UNet is kept: tests/lora_slots.rs takes the rest from tiny-sd15
+                for f in os.listdir(slots):
+                    if f != "unet":
+                        p = os.path.join(slots, f)
+                        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+                print(f"exported {slots}")
 
 
 if __name__ == "__main__":
