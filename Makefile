@@ -84,9 +84,9 @@ tests/c/build/%: tests/c/%.c tests/c/check.h include/spo_runtime.h build
 broken-models:
 	@rm -rf tests/c/build/broken-truncated tests/c/build/broken-notokenizer
 	@mkdir -p tests/c/build
-	@cp -r tests/fixtures/tiny-sd15 tests/c/build/broken-truncated
+	@cp -rL tests/fixtures/tiny-sd15 tests/c/build/broken-truncated
 	@truncate -s 2000 tests/c/build/broken-truncated/unet/model.onnx
-	@cp -r tests/fixtures/tiny-sd15 tests/c/build/broken-notokenizer
+	@cp -rL tests/fixtures/tiny-sd15 tests/c/build/broken-notokenizer
 	@rm -rf tests/c/build/broken-notokenizer/tokenizer
 
 c-test: $(C_TESTS) broken-models

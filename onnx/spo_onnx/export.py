@@ -213,6 +213,53 @@ def to_fp16(model, keep_io=(), block_prefixes=()):
     )
 
 
+def annotate_symbolic_shapes(model):
+    """Adds `value_info` with symbolic dims for the intermediate values (ONNX
+    Runtime's symbolic shape inference); nodes and initializers are untouched.
+
+    ONNX's own shape inference cannot express sizes such as height*width (the
+    attention sequence), so with dynamic axes most activations reach ONNX
+    Runtime with unknown dims. Its allocation planner only reuses a buffer for
+    a value of provably the same shape, and with unknown dims planning time
+    grows superlinearly with the graph: for the tiny SDXL UNet (lean graph)
+    session creation takes ~20 s without these dims and ~3 s with them (the
+    same graph with fixed input sizes: ~2 s).
+
+    The only merges the inference makes are the equalities the graph needs
+    anyway (the skip-connection Concats: upsampled size == skip size, i.e. the
+    latent size is a multiple of 2**num_upsamplers). Inference runs on a copy
+    without the weights (large initializers become shaped inputs)."""
+    import onnx
+    from onnx import helper
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    g = model.graph
+    light = helper.make_graph(list(g.node), g.name, list(g.input), list(g.output))
+    known = {i.name for i in g.input}
+    for t in g.initializer:
+        numel = int(np.prod(t.dims)) if len(t.dims) else 1
+        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or numel <= 16:
+            light.initializer.append(t)
+        elif t.name not in known:
+            light.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    lm = helper.make_model(light, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    inferred = SymbolicShapeInference.infer_shapes(lm, auto_merge=True)
+    skip = {i.name for i in g.input} | {o.name for o in g.output} | {t.name for t in g.initializer}
+    # derived sizes are sympy expressions ('(floor(height/2 - 1/2) + 1)*(...)'):
+    # short names keep the file small; equal expressions keep equal names
+    io_dims = {d.dim_param for v in list(g.input) + list(g.output) for d in v.type.tensor_type.shape.dim if d.dim_param}
+    names = {}
+    del g.value_info[:]
+    for v in inferred.graph.value_info:
+        if v.name in skip:
+            continue
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param and d.dim_param not in io_dims:
+                d.dim_param = names.setdefault(d.dim_param, f"sym_{len(names)}")
+        g.value_info.append(v)
+    return model
+
+
 def _patch_forward(module, fn):
     """Replaces module.forward on the instance: the module stays the traced root,
     so node scopes and initializer names keep their diffusers paths (no wrapper
@@ -262,6 +309,112 @@ def export_text_encoder(te, out_dir, with_projection, opset, dynamo, batch, stat
     te.config.to_json_file(os.path.join(out_dir, "config.json"))
 
 
+# --------------------------------------------------------------------------- lean UNet graph
+#
+# diffusers' AttnProcessor reads every size it reshapes with from the tensor
+# (`x.shape` -> Shape/Gather/Unsqueeze/Concat chains in the TorchScript export)
+# and builds baddbmm's zero input from them (ConstantOfShape, Mul, Add): ~134
+# nodes per attention, two thirds of the tiny SDXL UNet graph (27k nodes). The
+# ops below emit Reshape with a constant shape (0 = copy that dim, -1 = infer)
+# and Split with constant sizes: the same arithmetic on the same values (ORT
+# without graph optimizations gives bitwise-equal outputs), ~13 nodes per
+# attention, every axis still dynamic and every node still in its diffusers
+# module scope. See also annotate_symbolic_shapes.
+
+
+class _ConstReshape(torch.autograd.Function):
+    """Reshape to `shape`: 0 copies the input dim, -1 is inferred (ONNX Reshape
+    semantics; torch's exporter wants a -1 whenever there is a 0)."""
+
+    @staticmethod
+    def forward(ctx, x, shape):
+        return x.reshape([x.shape[i] if s == 0 else s for i, s in enumerate(shape)])
+
+    @staticmethod
+    def symbolic(g, x, shape):
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(list(shape), dtype=torch.int64)))
+
+
+class _SplitHalves(torch.autograd.Function):
+    """x.chunk(2, dim=-1) for a last dim of the known size 2 * `half`."""
+
+    @staticmethod
+    def forward(ctx, x, half):
+        a, b = x.split(half, dim=-1)
+        return a.clone(), b.clone()
+
+    @staticmethod
+    def symbolic(g, x, half):
+        sizes = g.op("Constant", value_t=torch.tensor([half, half], dtype=torch.int64))
+        return g.op("Split", x, sizes, axis_i=-1, outputs=2)
+
+
+class LeanAttnProcessor:
+    """diffusers AttnProcessor's arithmetic (q k^T * scale, softmax, @ v) on
+    (batch, heads, seq, head_dim) tensors with constant-shape reshapes. Cases
+    it does not cover (masks, 4-D input, spatial/group norm, norm_cross,
+    residual, upcasting, rescaling) go to AttnProcessor unchanged."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        self.fallback = AttnProcessor()
+
+    @staticmethod
+    def covers(attn, hidden_states, attention_mask):
+        return (
+            attention_mask is None
+            and hidden_states.ndim == 3
+            and attn.spatial_norm is None
+            and attn.group_norm is None
+            and not attn.norm_cross
+            and not attn.residual_connection
+            and attn.rescale_output_factor == 1.0
+            and not attn.upcast_attention
+            and not attn.upcast_softmax
+            and attn.to_q.out_features == attn.to_k.out_features == attn.to_v.out_features
+            and attn.to_q.out_features % attn.heads == 0
+        )
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if not self.covers(attn, hidden_states, attention_mask):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        heads = attn.heads
+        inner = attn.to_q.out_features
+        split = (0, -1, heads, inner // heads)
+        query = attn.to_q(hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        key = attn.to_k(context)
+        value = attn.to_v(context)
+        query = _ConstReshape.apply(query, split).permute(0, 2, 1, 3)
+        key_t = _ConstReshape.apply(key, split).permute(0, 2, 3, 1)
+        value = _ConstReshape.apply(value, split).permute(0, 2, 1, 3)
+        scores = torch.matmul(query, key_t) * attn.scale
+        probs = scores.softmax(dim=-1)
+        out = torch.matmul(probs, value).permute(0, 2, 1, 3)
+        out = _ConstReshape.apply(out, (0, -1, inner))
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def _lean_geglu_forward(self, hidden_states, *args, **kwargs):
+    """GEGLU.forward with a constant-size Split instead of chunk's shape arithmetic."""
+    hidden_states = self.proj(hidden_states)
+    hidden_states, gate = _SplitHalves.apply(hidden_states, self.proj.out_features // 2)
+    return hidden_states * self.gelu(gate)
+
+
+def _install_lean_ops(unet):
+    """Lean attention processors and GEGLU forwards; returns the patched GEGLUs."""
+    from diffusers.models.activations import GEGLU
+
+    unet.set_attn_processor(LeanAttnProcessor())
+    geglus = [m for m in unet.modules() if type(m) is GEGLU and m.proj.out_features % 2 == 0]
+    for m in geglus:
+        _patch_forward(m, _lean_geglu_forward)
+    return geglus
+
+
 # --------------------------------------------------------------------------- UNet
 
 
@@ -304,14 +457,11 @@ def slot_input_names(path):
 
 
 def export_unet(unet, out_dir, sdxl, dtype, opset, dynamo, batch, static_hw, lora_slots, text_embeds_dim=None, trace_hw=None):
-    from diffusers.models.attention_processor import AttnProcessor
-
     # traced in fp32; fp16 is a conversion of the fp32 graph (CPU fp16 tracing
     # is slow and mixes dtypes). The timestep projection stays fp32 as in diffusers.
     out_dtype = dtype
     dtype = torch.float32
     unet = unet.eval().to(torch.float32)
-    unet.set_attn_processor(AttnProcessor())
     cfg = unet.config
     cross = cfg.cross_attention_dim
     if isinstance(cross, (list, tuple)):
@@ -381,6 +531,7 @@ def export_unet(unet, out_dir, sdxl, dtype, opset, dynamo, batch, static_hw, lor
 
     _patch_forward(unet, forward)
     _install_slots(slot_mods, ctx)
+    geglus = _install_lean_ops(unet)
     import onnx
 
     try:
@@ -392,9 +543,16 @@ def export_unet(unet, out_dir, sdxl, dtype, opset, dynamo, batch, static_hw, lor
     finally:
         del unet.forward
         _uninstall_slots(slot_mods)
+        _uninstall_slots([(None, m) for m in geglus])
+        # the UNet is left with diffusers' eager processor, as before lean export
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
 
     if out_dtype == torch.float16:
         m = to_fp16(m, keep_io=["timestep"], block_prefixes=["/time_proj/"])
+    # before the slots' default initializers: their rank axis stays symbolic
+    annotate_symbolic_shapes(m)
     dtype = out_dtype
     targets = lora_targets(unet, m, dtype)
     if slots:

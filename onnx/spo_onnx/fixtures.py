@@ -9,6 +9,9 @@ safetensors) and ROOT/tiny-sdxl, ROOT/tiny-sd15 (ONNX layout), and the UNet
 variants in UNET_VARIANTS: ROOT/<variant>/unet only, exported from the saved
 diffusers folder of their base model (tests pair them with the base model's
 other components). `--only tiny-sd15-dynamo` rebuilds just that one.
+
+Every tokenizer's vocab.json / merges.txt is a relative symlink to
+tests/fixtures/clip-tokenizer (the same 1.5 MB pair, stored once).
 """
 
 import argparse
@@ -175,6 +178,8 @@ BUILDERS = {"tiny-sdxl": (build_sdxl, SDXL_SCHEDULER), "tiny-sd15": (build_sd15,
 
 # variant -> (base model, export_unet keyword arguments)
 UNET_VARIANTS = {
+    # --lora-slots (tests/lora_slots.rs)
+    "tiny-sd15-slots": ("tiny-sd15", {"lora_slots": 4}),
     # the dynamo exporter (tests/lora_dynamo.rs; ~2-4 min to export on 2 cores)
     "tiny-sd15-dynamo": ("tiny-sd15", {"dynamo": True}),
 }
@@ -195,6 +200,29 @@ def export_unet_variant(root, name):
     return out
 
 
+def link_clip_vocab(tok_dir, check=True):
+    """Replaces tok_dir/{vocab.json,merges.txt} with relative symlinks to the
+    shared clip-tokenizer copies; with `check`, the replaced files must hold
+    the same bytes."""
+    for fname in ("vocab.json", "merges.txt"):
+        src = os.path.join(CLIP_VOCAB_DIR, fname)
+        dst = os.path.join(tok_dir, fname)
+        if os.path.lexists(dst) and check:
+            with open(src, "rb") as a, open(dst, "rb") as b:
+                if a.read() != b.read():
+                    raise ValueError(f"{dst} differs from {src}")
+        if os.path.lexists(dst):
+            os.remove(dst)
+        os.symlink(os.path.relpath(src, tok_dir), dst)
+
+
+def link_tokenizers(model_dir):
+    for tok in ("tokenizer", "tokenizer_2"):
+        d = os.path.join(model_dir, tok)
+        if os.path.isdir(d):
+            link_clip_vocab(d)
+
+
 def save_diffusers(pipe, out, scheduler_json):
     if os.path.exists(out):
         shutil.rmtree(out)
@@ -205,8 +233,8 @@ def save_diffusers(pipe, out, scheduler_json):
     for tok in ("tokenizer", "tokenizer_2"):
         d = os.path.join(out, tok)
         if os.path.isdir(d):
-            for fname in ("vocab.json", "merges.txt"):
-                shutil.copyfile(os.path.join(CLIP_VOCAB_DIR, fname), os.path.join(d, fname))
+            # save_pretrained rewrites the vocabulary; link the original files
+            link_clip_vocab(d, check=False)
             # tokenizer.json (3.6 MB) is redundant with vocab.json + merges.txt +
             # tokenizer_config.json; transformers rebuilds the same tokenizer
             os.remove(os.path.join(d, "tokenizer.json"))
@@ -240,6 +268,7 @@ def main(argv=None):
             if os.path.exists(out):
                 shutil.rmtree(out)
             export.export_pipeline(ddir, out)
+            link_tokenizers(out)
             print(f"exported {out}")
 
 
