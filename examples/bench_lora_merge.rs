@@ -269,7 +269,7 @@ fn reset_peak() {
 fn phase(name: &str, t: Instant) -> f64 {
     let s = t.elapsed().as_secs_f64();
     let (rss, hwm) = rss_gib();
-    println!("{name}_s={s:.2} rss_gib={rss:.2} phase_peak_rss_gib={hwm:.2}");
+    println!("{name}_s={s:.3} rss_gib={rss:.2} phase_peak_rss_gib={hwm:.2}");
     reset_peak();
     s
 }
