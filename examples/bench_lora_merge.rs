@@ -1,6 +1,7 @@
 //! LoRA merge throughput on the real-size SDXL UNet attention projections.
 //!
 //!   cargo run --release --example bench_lora_merge -- [--structure PATH] [--rank R] [--repeats N]
+//!   cargo run --release --example bench_lora_merge -- --unet DIR [--rank R] [--lora FILE] [--step HxW]
 //!
 //! Builds, in memory, an SPO-sized LoRA (rank 64, alpha 64 by default) on the
 //! 560 attention projections (`to_q`, `to_k`, `to_v`, `to_out.0` of `attn1` /
@@ -13,14 +14,39 @@
 //! * the merge alone: all 560 `merge::merge_into` calls (f32);
 //! * `merge::delta` alone (the GEMMs, no add) for the same modules;
 //! * `merge::to_f16_clamped` over all merged weights.
+//!
+//! With `--unet DIR` (an exported `unet/` folder: model.onnx, model.onnx_data,
+//! lora_targets.json, config.json) it benchmarks merge mode against that real
+//! graph instead, through the library functions the pipeline uses:
+//! * writes an SPO-sized kohya LoRA (diffusers-flat `lora_unet_*` keys, f16,
+//!   rank R, alpha R) on the graph's 560 attention projections to `--lora FILE`
+//!   (default: in the temp dir) and parses it (`LoraFile::open`);
+//! * opens the graph (`OnnxGraph::open` + `ModelGraphs::from_graphs`);
+//! * `lora::resolve` (all keys must match), then `lora::merged_overrides`;
+//! * builds the UNet session plain, with the merged initializer overrides
+//!   (`Graph::load_with_initializers`), and plain again (the first build also
+//!   warms the page cache, so the ratio uses the second); one session at a time;
+//! * optionally one UNet step at `--step HxW` (batch 2, as with CFG).
+//!
+//! Peak RSS is reported per phase (VmHWM, reset through /proc/self/clear_refs).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use ndarray::Array2;
 use spo_runtime::lora::merge;
-use spo_runtime::lora::{LoraKind, LoraModule, Tensor};
-use spo_runtime::model::WeightLayout;
+use spo_runtime::lora::{
+    merged_overrides, resolve, Component, LoraFile, LoraKind, LoraModule, MergeOptions,
+    ModelGraphs, OverrideData, Tensor, UnetLayout,
+};
+use spo_runtime::model::{OnnxGraph, WeightLayout};
+use spo_runtime::pipeline::lora::override_value;
+use spo_runtime::runtime::session::{f32_input, Graph};
+use spo_runtime::runtime::{LogLevel, Logger};
+use spo_runtime::{Options, Runtime};
 
 /// splitmix64, uniform f32 in [-scale, scale).
 struct Rng(u64);
@@ -47,14 +73,34 @@ fn main() {
         .join("tests/fixtures/lora-unit/sdxl_structure.json");
     let mut rank = 64usize;
     let mut repeats = 3usize;
+    let mut unet: Option<PathBuf> = None;
+    let mut lora_path: Option<PathBuf> = None;
+    let mut step: Option<(usize, usize)> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--structure" => structure = PathBuf::from(args.next().expect("--structure PATH")),
+            "--unet" => unet = Some(PathBuf::from(args.next().expect("--unet DIR"))),
+            "--lora" => lora_path = Some(PathBuf::from(args.next().expect("--lora FILE"))),
+            "--step" => {
+                let v = args.next().expect("--step HxW");
+                let (h, w) = v.split_once('x').expect("--step HxW");
+                step = Some((h.parse().expect("height"), w.parse().expect("width")));
+            }
             "--rank" => rank = args.next().expect("--rank R").parse().expect("rank"),
             "--repeats" => repeats = args.next().expect("--repeats N").parse().expect("repeats"),
             other => panic!("unknown argument {other}"),
         }
+    }
+    if let Some(dir) = unet {
+        let lora_path = lora_path.unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("spo_bench_lora_r{rank}.safetensors"))
+        });
+        if let Err(e) = real_unet(&dir, rank, &lora_path, step) {
+            eprintln!("bench_lora_merge: {e}");
+            std::process::exit(1);
+        }
+        return;
     }
 
     // ---- sgemm peak probe (single thread: matrixmultiply is built without threading) ----
@@ -199,4 +245,234 @@ fn main() {
         params as f64 * 6.0 / bestc / 1e9
     );
     println!("sink={sink}");
+}
+
+/// Current and peak RSS in GiB (VmRSS, VmHWM).
+fn rss_gib() -> (f64, f64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = |key: &str| {
+        s.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / (1u64 << 20) as f64
+    };
+    (kb("VmRSS:"), kb("VmHWM:"))
+}
+
+/// Starts a new phase: resets VmHWM to the current RSS (Linux only; a no-op elsewhere).
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn phase(name: &str, t: Instant) -> f64 {
+    let s = t.elapsed().as_secs_f64();
+    let (rss, hwm) = rss_gib();
+    println!("{name}_s={s:.3} rss_gib={rss:.2} phase_peak_rss_gib={hwm:.2}");
+    reset_peak();
+    s
+}
+
+/// Writes a kohya LoRA (diffusers-flat `lora_unet_<module>` keys, f16 factors,
+/// `alpha` = rank) for `modules` (path, torch `[out, in]`).
+fn write_lora(path: &std::path::Path, modules: &[(String, [usize; 2])], rank: usize) {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let mut rng = Rng(0x5EED_0003);
+    let f16_bytes = |v: Vec<f32>| -> Vec<u8> {
+        v.into_iter()
+            .flat_map(|x| half::f16::from_f32(x).to_le_bytes())
+            .collect()
+    };
+    let mut bufs: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = Vec::new();
+    for (m, [out, inn]) in modules {
+        let stem = format!("lora_unet_{}", m.replace('.', "_"));
+        let down = f16_bytes(rng.fill(rank * inn, 0.05));
+        let up = f16_bytes(rng.fill(out * rank, 0.05));
+        bufs.push((
+            format!("{stem}.lora_down.weight"),
+            vec![rank, *inn],
+            Dtype::F16,
+            down,
+        ));
+        bufs.push((
+            format!("{stem}.lora_up.weight"),
+            vec![*out, rank],
+            Dtype::F16,
+            up,
+        ));
+        let alpha = (rank as f32).to_le_bytes().to_vec();
+        bufs.push((format!("{stem}.alpha"), vec![], Dtype::F32, alpha));
+    }
+    let views: Vec<(String, TensorView<'_>)> = bufs
+        .iter()
+        .map(|(k, shape, dt, b)| (k.clone(), TensorView::new(*dt, shape.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).expect("write LoRA safetensors");
+}
+
+fn real_unet(
+    dir: &std::path::Path,
+    rank: usize,
+    lora_path: &std::path::Path,
+    step: Option<(usize, usize)>,
+) -> spo_runtime::Result<()> {
+    let model = dir.join("model.onnx");
+    let data_gib = std::fs::metadata(dir.join("model.onnx_data"))
+        .map(|m| m.len() as f64 / (1u64 << 30) as f64)
+        .unwrap_or(0.0);
+    println!("unet={} model.onnx_data_gib={data_gib:.2}", model.display());
+    reset_peak();
+
+    // ---- graph: parse + targets (cross-checked with lora_targets.json) ----
+    let t = Instant::now();
+    let layout = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| UnetLayout::from_config(&v));
+    let mut graphs = BTreeMap::new();
+    graphs.insert(Component::Unet, OnnxGraph::open(&model)?);
+    let root = dir.parent().unwrap_or(dir);
+    let graphs = ModelGraphs::from_graphs(root, graphs, layout)?;
+    let targets = &graphs.targets.sets[&Component::Unet].targets;
+    let attn: Vec<(String, [usize; 2])> = targets
+        .values()
+        .filter(|t| {
+            let p = &t.module;
+            (p.contains(".attn1.") || p.contains(".attn2."))
+                && [".to_q", ".to_k", ".to_v", ".to_out.0"]
+                    .iter()
+                    .any(|s| p.ends_with(s))
+        })
+        .map(|t| {
+            let s = t.torch_shape();
+            (t.module.clone(), [s[0], s[1]])
+        })
+        .collect();
+    println!(
+        "graph targets={} attention_targets={} nodes={}",
+        targets.len(),
+        attn.len(),
+        graphs.graphs[&Component::Unet]
+            .model()
+            .graph
+            .as_ref()
+            .map_or(0, |g| g.node.len())
+    );
+    phase("graph_open", t);
+
+    // ---- LoRA file ----
+    let t = Instant::now();
+    write_lora(lora_path, &attn, rank);
+    let size = std::fs::metadata(lora_path).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "lora_file={} mib={:.1} rank={rank}",
+        lora_path.display(),
+        size as f64 / (1u64 << 20) as f64
+    );
+    phase("lora_write", t);
+    let t = Instant::now();
+    let file = LoraFile::open(lora_path)?;
+    println!(
+        "lora format={:?} dialect={:?} modules={}",
+        file.format,
+        file.dialect,
+        file.modules.len()
+    );
+    phase("lora_parse", t);
+
+    // ---- resolve ----
+    let t = Instant::now();
+    let res = resolve(&file, &graphs.targets);
+    println!(
+        "resolve matched={} unmatched={}",
+        res.matched.len(),
+        res.unmatched.len()
+    );
+    for (k, why) in res.unmatched.iter().take(5) {
+        println!("  unmatched {k}: {why}");
+    }
+    phase("resolve", t);
+
+    // ---- merge (resolve + read base weights + merge + cast back) ----
+    let t = Instant::now();
+    let merged = merged_overrides(&graphs, &[(&file, 1.0)], MergeOptions { strict: true })?;
+    let bytes: usize = merged
+        .overrides
+        .values()
+        .map(|o| match &o.data {
+            OverrideData::F32(v) => v.len() * 4,
+            OverrideData::F16(v) => v.len() * 2,
+            OverrideData::BF16(v) => v.len() * 2,
+        })
+        .sum();
+    println!(
+        "merged overrides={} gib={:.3}",
+        merged.overrides.len(),
+        bytes as f64 / (1u64 << 30) as f64
+    );
+    phase("merge", t);
+    // ONNX Runtime is loaded by Runtime::new: before any ort value exists
+    let logger = Logger::default();
+    logger.set(
+        LogLevel::Warn,
+        Some(Arc::new(|l: LogLevel, m: &str| eprintln!("[{l:?}] {m}"))),
+    );
+    let rt = Runtime::new(&Options::new(), logger)?;
+    let t = Instant::now();
+    let mut inits = Vec::new();
+    for o in merged.overrides.values() {
+        inits.push((o.name.clone(), override_value(o)?));
+    }
+    drop(merged);
+    drop(file);
+    drop(graphs);
+    phase("override_values", t);
+
+    // ---- sessions ----
+    let t = Instant::now();
+    drop(Graph::load(&rt, "unet", &model)?);
+    let plain1 = phase("session_plain_first", t);
+    let t = Instant::now();
+    drop(Graph::load_with_initializers(&rt, "unet", &model, inits)?);
+    let over = phase("session_overrides", t);
+    let t = Instant::now();
+    let mut plain = Graph::load(&rt, "unet", &model)?;
+    let plain2 = phase("session_plain_second", t);
+    println!(
+        "session_build overrides/plain_second={:.2} (plain_first={plain1:.2}s)",
+        over / plain2
+    );
+
+    // ---- one UNet step (the step time does not depend on the overrides) ----
+    if let Some((h, w)) = step {
+        let (lh, lw) = (h / 8, w / 8);
+        let mut rng = Rng(0x5EED_0004);
+        let mut inputs = vec![
+            (
+                "sample",
+                f32_input(&[2, 4, lh, lw], rng.fill(2 * 4 * lh * lw, 1.0)),
+            ),
+            ("timestep", f32_input(&[2], vec![999.0, 999.0])),
+            (
+                "encoder_hidden_states",
+                f32_input(&[2, 77, 2048], rng.fill(2 * 77 * 2048, 1.0)),
+            ),
+        ];
+        if plain.input("text_embeds").is_some() {
+            inputs.push((
+                "text_embeds",
+                f32_input(&[2, 1280], rng.fill(2 * 1280, 1.0)),
+            ));
+            let ids = [h as f32, w as f32, 0.0, 0.0, h as f32, w as f32];
+            inputs.push(("time_ids", f32_input(&[2, 6], [ids, ids].concat())));
+        }
+        let t = Instant::now();
+        let out = plain.run(inputs, &["out_sample"], None)?;
+        let finite = out[0].iter().all(|v| v.is_finite());
+        println!("step {h}x{w} batch=2 finite={finite}");
+        phase("unet_step", t);
+    }
+    Ok(())
 }

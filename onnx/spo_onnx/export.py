@@ -191,6 +191,66 @@ def save_onnx(model, path, external=None):
         onnx.save_model(model, path)
 
 
+def _tensor_bytes(t, base_dir):
+    """Raw little-endian bytes of an initializer, from the proto or from its
+    external file (onnx.load(..., load_external_data=False))."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    if not uses_external_data(t):
+        return t.raw_data if t.HasField("raw_data") else _numpy_bytes(t)
+    info = ExternalDataInfo(t)
+    with open(os.path.join(base_dir, info.location), "rb") as f:
+        f.seek(info.offset or 0)
+        return f.read(info.length) if info.length else f.read()
+
+
+def _numpy_bytes(t):
+    from onnx import numpy_helper
+
+    return np.ascontiguousarray(numpy_helper.to_array(t)).tobytes()
+
+
+def _tensor_array(t, base_dir):
+    from onnx import helper
+
+    dt = helper.tensor_dtype_to_np_dtype(t.data_type)
+    return np.frombuffer(_tensor_bytes(t, base_dir), dtype=dt).reshape(tuple(t.dims))
+
+
+def save_streaming(model, path, base_dir, align=4096):
+    """Saves `model` (loaded with load_external_data=False; external tensors
+    are read relative to `base_dir`) as `path` + `<path>_data`, copying one
+    tensor at a time, so that a model larger than memory can be re-packed.
+    Offsets are page-aligned (what ORT needs to memory-map external data)."""
+    import onnx
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data_name = os.path.basename(path) + "_data"
+    with open(os.path.join(os.path.dirname(path), data_name), "wb") as f:
+        for t in model.graph.initializer:
+            raw = _tensor_bytes(t, base_dir)
+            if len(raw) < EXTERNAL_DATA_THRESHOLD:
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    del t.external_data[:]
+                    t.data_location = onnx.TensorProto.DEFAULT
+                    t.raw_data = raw
+                continue  # small tensors live in the proto
+            off = f.tell()
+            if off % align:
+                off += align - off % align
+                f.seek(off)
+            f.write(raw)
+            del t.external_data[:]
+            t.ClearField("raw_data")
+            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(field)
+            for k, v in (("location", data_name), ("offset", str(off)), ("length", str(len(raw)))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            t.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(model, path)
+
+
 def to_fp16(model, keep_io=(), block_prefixes=()):
     """fp32 graph -> fp16 (onnxruntime.transformers.float16: initializers keep
     their names). Inputs/outputs in `keep_io` stay fp32, and nodes whose name
@@ -457,16 +517,22 @@ def slot_input_names(path):
 
 
 def export_unet(unet, out_dir, sdxl, dtype, opset, dynamo, batch, static_hw, lora_slots, text_embeds_dim=None, trace_hw=None):
-    # traced in fp32; fp16 is a conversion of the fp32 graph (CPU fp16 tracing
-    # is slow and mixes dtypes). The timestep projection stays fp32 as in diffusers.
-    out_dtype = dtype
-    dtype = torch.float32
-    unet = unet.eval().to(torch.float32)
+    # fp16 is traced from the fp16 module itself: converting an fp32 graph
+    # needs the fp32 weights plus the exported fp32 copy plus the converted
+    # copy in memory (the full-size SDXL UNet was OOM-killed at 23.6 GB), and
+    # tracing fp16 keeps diffusers' own fp16 semantics (the timestep
+    # projection runs in fp32 and diffusers casts t_emb to the sample dtype).
+    # CPU fp16 kernels are slow, hence the small default trace size (the axes
+    # are dynamic anyway).
+    unet = unet.eval().to(dtype)
     cfg = unet.config
     cross = cfg.cross_attention_dim
     if isinstance(cross, (list, tuple)):
         cross = cross[0]
-    h, w = static_hw or trace_hw or (cfg.sample_size * 8, cfg.sample_size * 8)
+    default_hw = cfg.sample_size * 8
+    if dtype == torch.float16:
+        default_hw = min(default_hw, 256)
+    h, w = static_hw or trace_hw or (default_hw, default_hw)
     # the latent size to trace with: a multiple of 2**num_upsamplers, so that
     # the traced graph uses plain scale-2 upsampling (see DESIGN.md)
     lh, lw = h // 8, w // 8
@@ -534,35 +600,36 @@ def export_unet(unet, out_dir, sdxl, dtype, opset, dynamo, batch, static_hw, lor
     geglus = _install_lean_ops(unet)
     import onnx
 
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            p = os.path.join(tmp, "model.onnx")
+    # the weights never enter the Python process again: above 2 GB the exporter
+    # writes them as external files, which lora_targets reads one at a time and
+    # save_streaming copies one at a time into model.onnx_data (the scratch
+    # folder is inside out_dir: same disk, and /tmp may be small)
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        p = os.path.join(tmp, "model.onnx")
+        try:
             with torch.no_grad():
                 _export(unet, tuple(args), p, inputs, ["out_sample"], axes, opset, dynamo)
-            m = onnx.load(p)
-    finally:
-        del unet.forward
-        _uninstall_slots(slot_mods)
-        _uninstall_slots([(None, m) for m in geglus])
-        # the UNet is left with diffusers' eager processor, as before lean export
-        from diffusers.models.attention_processor import AttnProcessor
+        finally:
+            del unet.forward
+            _uninstall_slots(slot_mods)
+            _uninstall_slots([(None, m) for m in geglus])
+            # the UNet is left with diffusers' eager processor, as before lean export
+            from diffusers.models.attention_processor import AttnProcessor
 
-        unet.set_attn_processor(AttnProcessor())
-
-    if out_dtype == torch.float16:
-        m = to_fp16(m, keep_io=["timestep"], block_prefixes=["/time_proj/"])
-    # before the slots' default initializers: their rank axis stays symbolic
-    annotate_symbolic_shapes(m)
-    dtype = out_dtype
-    targets = lora_targets(unet, m, dtype)
-    if slots:
-        # zero defaults: an initializer with the same name as a graph input is
-        # the input's default value (IR >= 4), so the graph runs as the base model
-        np_dtype = np.float16 if dtype == torch.float16 else np.float32
-        for s in slots:
-            m.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((s["rank"], s["in_features"]), np_dtype), s["down"]))
-            m.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((s["out_features"], s["rank"]), np_dtype), s["up"]))
-    save_onnx(m, os.path.join(out_dir, "model.onnx"), external=True)
+            unet.set_attn_processor(AttnProcessor())
+        m = onnx.load(p, load_external_data=False)
+        # before the slots' default initializers: their rank axis stays symbolic
+        annotate_symbolic_shapes(m)
+        targets = lora_targets(unet, m, dtype, tmp)
+        if slots:
+            # zero defaults: an initializer with the same name as a graph input is
+            # the input's default value (IR >= 4), so the graph runs as the base model
+            np_dtype = np.float16 if dtype == torch.float16 else np.float32
+            for s in slots:
+                m.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((s["rank"], s["in_features"]), np_dtype), s["down"]))
+                m.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((s["out_features"], s["rank"]), np_dtype), s["up"]))
+        save_streaming(m, os.path.join(out_dir, "model.onnx"), tmp)
     targets["slots"] = slots
     targets["slot_formula"] = "y = x W^T + b + (x down^T) up^T; scale (multiplier*alpha/rank) is folded into up by the caller; rank axis is dynamic"
     with open(os.path.join(out_dir, "lora_targets.json"), "w") as f:
@@ -612,20 +679,17 @@ def _digest(arr):
     return hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
-def lora_targets(unet, model, dtype):
+def lora_targets(unet, model, dtype, base_dir):
     """For every nn.Linear / nn.Conv2d of the UNet: the initializer holding its
     weight and the layout. Candidates come from the consuming node's scope; each
     is confirmed by comparing values with the torch parameter; if that fails,
-    the initializer is found by value (hash of the bytes)."""
-    from onnx import numpy_helper
-
+    the initializer is found by value (hash of the bytes). `model` is loaded
+    without external data: values are read one tensor at a time (relative to
+    `base_dir`) and not kept, so a full-size UNet is never in memory twice."""
     inits = {t.name: t for t in model.graph.initializer}
-    arrays = {}
 
     def arr(name):
-        if name not in arrays:
-            arrays[name] = numpy_helper.to_array(inits[name])
-        return arrays[name]
+        return _tensor_array(inits[name], base_dir)
 
     producers = {o: n for n in model.graph.node for o in n.output}
     by_scope = {}
@@ -673,7 +737,7 @@ def lora_targets(unet, model, dtype):
                     found = (h2, "linear_in_out", None, None)
         entry = {"module": path, "kind": kind, "weight_shape": list(wt.shape)}
         if found:
-            entry.update(initializer=found[0], layout=found[1], initializer_shape=list(arr(found[0]).shape), op=found[2], node=found[3])
+            entry.update(initializer=found[0], layout=found[1], initializer_shape=list(inits[found[0]].dims), op=found[2], node=found[3])
             b = path + ".bias"
             entry["bias_initializer"] = b if b in inits else None
         else:

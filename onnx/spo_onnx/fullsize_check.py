@@ -1,9 +1,10 @@
 """Structure check at real size: a randomly initialised SDXL-base UNet (the
 config values of stabilityai/stable-diffusion-xl-base-1.0, written inline),
 exported with --fp16 semantics and external data. Prints export time, file
-sizes, peak RSS and LoRA target counts. Manual only (needs ~24 GB RAM and
-several minutes; never run so far: the fp32 trace plus fp16 conversion may
-need more than 24 GB); not part of pytest.
+sizes, peak RSS and LoRA target counts. Manual only (minutes); not part of
+pytest. fp16 is traced from the fp16 module and the weights are streamed to
+model.onnx_data (see export.export_unet); the earlier fp32-trace-then-convert
+route was OOM-killed at 23.6 GB.
 
     PYTHONPATH=onnx python -m spo_onnx.fullsize_check --out /tmp/sdxl-unet-check [--fp32] [--lora-slots 64] [--trace 256]
 """
@@ -76,7 +77,7 @@ def main(argv=None):
     t0 = time.time()
     unet = UNet2DConditionModel(**SDXL_BASE_UNET).eval()
     n_params = sum(p.numel() for p in unet.parameters())
-    dt = torch.float32 if a.fp32 else torch.float16  # traced in fp32, converted after export
+    dt = torch.float32 if a.fp32 else torch.float16  # export_unet traces in this dtype
     t1 = time.time()
     default, attn = kohya_counts(unet)
     print(f"params {n_params:,} (expect 2,567,463,684); built in {t1 - t0:.1f}s")

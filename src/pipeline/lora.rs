@@ -106,7 +106,9 @@ impl LoraState {
     }
 }
 
-fn value(o: &crate::lora::InitializerOverride) -> Result<DynValue> {
+/// A merged initializer as the ONNX Runtime value that
+/// [`Graph::load_with_initializers`] takes (public for the merge benchmark).
+pub fn override_value(o: &crate::lora::InitializerOverride) -> Result<DynValue> {
     let shape = IxDyn(&o.dims);
     let bad = |e: ndarray::ShapeError| {
         Error::invalid_lora(format!("override '{}' {:?}: {e}", o.name, o.dims))
@@ -201,7 +203,7 @@ impl Pipeline {
             by_component
                 .entry(*comp)
                 .or_default()
-                .push((name.clone(), value(o)?));
+                .push((name.clone(), override_value(o)?));
         }
         let now: BTreeSet<Component> = by_component.keys().copied().collect();
         let rebuild: BTreeSet<Component> = now.union(&state.touched).copied().collect();
