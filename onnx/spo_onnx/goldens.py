@@ -198,6 +198,12 @@ def load(model, root):
     # the checkpoint's own scheduler config: every case derives its scheduler
     # from this (cases replace pipe.scheduler, so never read it back from there)
     pipe._spo_base_scheduler_config = pipe.scheduler.config
+    # diffusers 0.42.1's SD 1.5 clip_skip path calls
+    # text_encoder.text_model.final_layer_norm, but transformers 5 flattened
+    # CLIPTextModel (final_layer_norm sits on the model itself). An alias,
+    # outside the module registry, lets diffusers' own code run unchanged.
+    if not hasattr(pipe.text_encoder, "text_model"):
+        object.__setattr__(pipe.text_encoder, "text_model", pipe.text_encoder)
     return pipe
 
 
@@ -295,6 +301,7 @@ def case_list(model):
     cases.append(dict(name=f"euler_a_{wide[1]}x{wide[0]}_cfg5_neg", prompt="a tall tower", negative_prompt="ugly", width=wide[1], height=wide[0], steps=4, guidance=5.0, scheduler="euler_a", eta=0.0, seed=203))
     cases.append(dict(name="dpmpp_2m_karras_6steps_cfg7", prompt="an astronaut riding a horse", negative_prompt="lowres", width=64, height=64, steps=6, guidance=7.0, scheduler="dpmpp_2m_karras", eta=0.0, seed=204))
     cases.append(dict(name="euler_a_2images_cfg5_neg", prompt="a photo of a cat", negative_prompt="blurry", width=64, height=64, steps=4, guidance=5.0, scheduler="euler_a", eta=0.0, seed=206, num_images=2))
+    cases.append(dict(name="euler_clipskip1_cfg5_neg", prompt="a photo of a cat", negative_prompt="blurry", width=64, height=64, steps=4, guidance=5.0, scheduler="euler", eta=0.0, seed=207, clip_skip=1))
     cases.append(dict(name="euler_cfg5_rescale07", prompt="a photo of a cat", negative_prompt="blurry", width=64, height=64, steps=5, guidance=5.0, guidance_rescale=0.7, scheduler="euler", eta=0.0, seed=205))
     for s, sd in (("euler", 301), ("ddim", 302), ("dpmpp_2m", 303), ("euler_a", 304)):
         cases.append(dict(name=f"img2img_{s}_s06_cfg5_neg", prompt="a red square on a gradient", negative_prompt="blurry", width=64, height=64, steps=5, guidance=5.0, scheduler=s, eta=0.0, seed=sd, img2img=True, strength=0.6))
@@ -327,6 +334,8 @@ def run_case(pipe, c, w, init_png, prefix=""):
         eta=c["eta"],
         num_images_per_prompt=c.get("num_images", 1),
     )
+    if c.get("clip_skip"):
+        kw["clip_skip"] = c["clip_skip"]
     if img2img:
         from PIL import Image
 

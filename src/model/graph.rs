@@ -106,6 +106,35 @@ impl std::fmt::Debug for OnnxGraph {
     }
 }
 
+/// A layer norm over the last axis, read from a graph (see
+/// [`OnnxGraph::layer_norm_of`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerNorm {
+    pub scale: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub epsilon: f32,
+}
+
+impl LayerNorm {
+    /// Normalises every row of `x` (last axis = `scale.len()`) in place, in
+    /// f64 like the reductions of torch's CPU kernel, to stay within fp32 ulps.
+    pub fn apply(&self, x: &mut [f32]) {
+        let d = self.scale.len();
+        for row in x.chunks_exact_mut(d) {
+            let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / d as f64;
+            let var = row
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / d as f64;
+            let inv = 1.0 / (var + f64::from(self.epsilon)).sqrt();
+            for (v, (g, b)) in row.iter_mut().zip(self.scale.iter().zip(&self.bias)) {
+                *v = ((f64::from(*v) - mean) * inv * f64::from(*g) + f64::from(*b)) as f32;
+            }
+        }
+    }
+}
+
 /// One entry of a `lora_targets.json` manifest written by our exporter.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct ManifestEntry {
@@ -386,6 +415,64 @@ impl OnnxGraph {
             }
         }
         Ok(())
+    }
+
+    /// The `LayerNormalization` applied to the value `input` (e.g. a CLIP
+    /// encoder's final layer norm, which reads the last `hidden_states.N`
+    /// output): its scale, bias (zeros when absent) and epsilon. Found by
+    /// structure, not by name, so both torch exporters work; scale and bias
+    /// are followed through `Identity` nodes (the TorchScript exporter shares
+    /// equal parameters that way).
+    pub fn layer_norm_of(&self, input: &str) -> Result<Option<LayerNorm>> {
+        let nodes = self.graph_nodes();
+        let Some(n) = nodes.iter().find(|n| {
+            n.op_type == "LayerNormalization" && n.input.first().is_some_and(|i| i == input)
+        }) else {
+            return Ok(None);
+        };
+        let mut producer: HashMap<&str, &NodeProto> = HashMap::new();
+        for p in nodes {
+            for o in &p.output {
+                producer.insert(o, p);
+            }
+        }
+        let resolve = |name: &str| {
+            let mut name = name.to_owned();
+            // bounded: a corrupt graph may chain Identity nodes in a cycle
+            for _ in 0..nodes.len() {
+                match producer.get(name.as_str()) {
+                    Some(p) if p.op_type == "Identity" && !p.input.is_empty() => {
+                        name = p.input[0].clone()
+                    }
+                    _ => break,
+                }
+            }
+            name
+        };
+        let scale_name = n.input.get(1).map(|s| resolve(s)).unwrap_or_default();
+        let (_, scale) = self.read_f32(&scale_name)?;
+        let bias = match n.input.get(2).filter(|b| !b.is_empty()) {
+            Some(b) => self.read_f32(&resolve(b))?.1,
+            None => vec![0.0; scale.len()],
+        };
+        if bias.len() != scale.len() || attr_int(n, "axis").is_some_and(|a| a != -1) {
+            return Err(Error::invalid_model(format!(
+                "{}: layer norm '{}' is not over the last axis with matching scale and bias",
+                self.path.display(),
+                n.name
+            )));
+        }
+        let epsilon = n
+            .attribute
+            .iter()
+            .find(|a| a.name == "epsilon")
+            .and_then(|a| a.f)
+            .unwrap_or(1e-5);
+        Ok(Some(LayerNorm {
+            scale,
+            bias,
+            epsilon,
+        }))
     }
 
     /// Dims and ONNX data type of the initializer `name`.

@@ -304,6 +304,8 @@ impl Pipeline {
     /// Encodes a prompt and, when `cfg`, its negative, following diffusers:
     /// with no negative prompt SDXL uses zeros if the model sets
     /// `force_zeros_for_empty_prompt`, otherwise the empty string is encoded.
+    /// `clip_skip` applies to the prompt only: diffusers (SD 1.5 and SDXL
+    /// alike) encodes the negative prompt without it.
     pub fn encode_prompts(
         &self,
         prompt: &str,
@@ -319,7 +321,7 @@ impl Pipeline {
         let f = &self.inner.folder;
         let neg = match negative {
             None if f.kind == ModelKind::Sdxl && f.force_zeros_for_empty_prompt => pos.zeros_like(),
-            neg => models.text.encode(neg.unwrap_or(""), clip_skip)?,
+            neg => models.text.encode(neg.unwrap_or(""), 0)?,
         };
         Ok((pos, Some(neg)))
     }

@@ -3,13 +3,16 @@
 //! - SDXL: the penultimate hidden state (`hidden_states[-2]`, or
 //!   `hidden_states[-(clip_skip + 2)]`) of both encoders, concatenated on the
 //!   feature axis, and `text_embeds` (the projected pooled output) of encoder 2;
-//! - SD 1.5: `last_hidden_state` of the one encoder.
+//! - SD 1.5: `last_hidden_state` of the one encoder; with `clip_skip`,
+//!   `hidden_states[-(clip_skip + 1)]` through the encoder's final layer norm,
+//!   whose weights are read from the graph.
 
 use ndarray::{concatenate, ArrayD, Axis, IxDyn};
 
 use super::tokenizer::{ClipTokenizer, MAX_LEN};
 use crate::error::{Error, Result};
-use crate::model::ModelKind;
+use crate::model::graph::LayerNorm;
+use crate::model::{ModelKind, OnnxGraph};
 use crate::runtime::session::{Graph, Input};
 
 /// Embeddings for one prompt: `embeds` [1, 77, D]; `pooled` [1, P] for SDXL.
@@ -35,6 +38,8 @@ pub struct TextEncoder {
     pub graph: Graph,
     /// Number of transformer layers, from the `hidden_states.N` outputs.
     layers: usize,
+    /// The final layer norm, read from the graph on first use (SD 1.5 clip_skip).
+    final_norm: Option<LayerNorm>,
 }
 
 impl TextEncoder {
@@ -50,6 +55,7 @@ impl TextEncoder {
             tokenizer,
             graph,
             layers,
+            final_norm: None,
         })
     }
 
@@ -62,6 +68,37 @@ impl TextEncoder {
     fn run(&mut self, prompt: &str, outputs: &[&str]) -> Result<Vec<ArrayD<f32>>> {
         let ids = self.ids(prompt);
         self.graph.run(vec![("input_ids", ids)], outputs, None)
+    }
+
+    /// SD 1.5 with clip_skip, as diffusers: `hidden_states[-(skip + 1)]`
+    /// through the final layer norm (the one applied to the last hidden state).
+    fn skipped_and_normed(&mut self, prompt: &str, clip_skip: usize) -> Result<ArrayD<f32>> {
+        let name = self.penultimate_name(clip_skip - 1)?;
+        if self.final_norm.is_none() {
+            let last = format!("hidden_states.{}", self.layers);
+            let graph = OnnxGraph::open(&self.graph.path)?;
+            let norm = graph.layer_norm_of(&last)?.ok_or_else(|| {
+                Error::invalid_model(format!(
+                    "{} ({}): clip_skip needs the final layer norm, and no \
+                     LayerNormalization reads '{last}'",
+                    self.graph.component,
+                    self.graph.path.display()
+                ))
+            })?;
+            self.final_norm = Some(norm);
+        }
+        let mut h = self.run(prompt, &[&name])?.remove(0);
+        let norm = self.final_norm.as_ref().expect("set above");
+        if h.shape().last() != Some(&norm.scale.len()) {
+            return Err(Error::invalid_model(format!(
+                "{}: final layer norm has {} features, '{name}' is {:?}",
+                self.graph.component,
+                norm.scale.len(),
+                h.shape()
+            )));
+        }
+        norm.apply(h.as_slice_mut().expect("standard layout"));
+        Ok(h)
     }
 
     /// `hidden_states[-(skip + 2)]`, the SDXL choice.
@@ -94,14 +131,13 @@ impl TextEncoders {
     pub fn encode(&mut self, prompt: &str, clip_skip: usize) -> Result<PromptEmbeds> {
         match self.kind {
             ModelKind::Sd15 => {
-                if clip_skip > 0 {
-                    return Err(Error::unsupported(
-                        "clip_skip on SD 1.5 needs the encoder's final layer norm, which the ONNX graph does not expose",
-                    ));
-                }
-                let out = self.te1.run(prompt, &["last_hidden_state"])?;
+                let embeds = if clip_skip == 0 {
+                    self.te1.run(prompt, &["last_hidden_state"])?.remove(0)
+                } else {
+                    self.te1.skipped_and_normed(prompt, clip_skip)?
+                };
                 Ok(PromptEmbeds {
-                    embeds: out.into_iter().next().expect("one output"),
+                    embeds,
                     pooled: None,
                 })
             }

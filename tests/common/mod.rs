@@ -73,6 +73,7 @@ pub fn spec_for(dir: &std::path::Path, c: &serde_json::Value) -> JobSpec {
         scheduler: c["scheduler"].as_str().unwrap().to_owned(),
         eta: c["eta"].as_f64().unwrap_or(0.0),
         num_images: c["num_images"].as_u64().unwrap_or(1) as usize,
+        clip_skip: c["clip_skip"].as_u64().unwrap_or(0) as usize,
         ..JobSpec::default()
     };
     s.init_latents = Some(
