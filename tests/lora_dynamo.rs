@@ -33,20 +33,9 @@ fn load() -> (SwappedModel, Pipeline) {
 /// The diffusers UNet weights (`<module>.weight` -> (shape, values)).
 fn diffusers_unet() -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let path = fixture("diffusers/tiny-sd15/unet/diffusion_pytorch_model.safetensors");
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
+    read_safetensors_f32(&path)
         .into_iter()
         .filter(|(k, _)| k.ends_with(".weight"))
-        .map(|(k, v)| {
-            assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k}");
-            let d = v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (k, (v.shape().to_vec(), d))
-        })
         .collect()
 }
 

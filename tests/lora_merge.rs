@@ -12,26 +12,14 @@ use spo_runtime::lora::{
 };
 use spo_runtime::model::{OnnxGraph, WeightLayout};
 
+mod common;
+
+use common::read_safetensors_f32;
+
 const REL_TOL: f32 = 1e-5;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora-unit")
-}
-
-fn read_st(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            let d = v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (k, (v.shape().to_vec(), d))
-        })
-        .collect()
 }
 
 fn layout() -> UnetLayout {
@@ -116,7 +104,7 @@ fn check(
 
 #[test]
 fn plain_lora_all_formats_match_peft_merge() {
-    let expected = read_st(&fixtures().join("expected_lora.safetensors"));
+    let expected = read_safetensors_f32(&fixtures().join("expected_lora.safetensors"));
     let files = [
         (
             "kohya_flat.safetensors",
@@ -151,7 +139,7 @@ fn plain_lora_all_formats_match_peft_merge() {
 
 #[test]
 fn several_loras_sum() {
-    let expected = read_st(&fixtures().join("expected_lora.safetensors"));
+    let expected = read_safetensors_f32(&fixtures().join("expected_lora.safetensors"));
     let a = LoraFile::open(fixtures().join("kohya_sgm.safetensors")).unwrap();
     let b = LoraFile::open(fixtures().join("peft/adapter_model.safetensors")).unwrap();
     let c = LoraFile::open(fixtures().join("kohya_flat.safetensors")).unwrap();
@@ -161,7 +149,7 @@ fn several_loras_sum() {
 
 #[test]
 fn attn_processor_form() {
-    let expected = read_st(&fixtures().join("expected_lora.safetensors"));
+    let expected = read_safetensors_f32(&fixtures().join("expected_lora.safetensors"));
     let l = LoraFile::open(fixtures().join("attn_procs.safetensors")).unwrap();
     assert_eq!(l.format, LoraFormat::Diffusers);
     let is_attn = |m: &str| {
@@ -177,7 +165,7 @@ fn attn_processor_form() {
 
 #[test]
 fn lycoris_kinds_match_numpy() {
-    let expected = read_st(&fixtures().join("expected_lycoris.safetensors"));
+    let expected = read_safetensors_f32(&fixtures().join("expected_lycoris.safetensors"));
     let l = LoraFile::open(fixtures().join("lycoris.safetensors")).unwrap();
     let kinds: Vec<&str> = l.modules.values().map(|m| m.kind.name()).collect();
     for k in ["lora", "locon-tucker", "loha", "lokr"] {
@@ -251,7 +239,7 @@ fn fp16_model_gets_f16_overrides() {
     let model = ModelGraphs::open(&dir).unwrap();
     let l = LoraFile::open(fixtures().join("kohya_flat.safetensors")).unwrap();
     let out = merged_overrides(&model, &[(&l, 1.0)], MergeOptions { strict: true }).unwrap();
-    let expected = read_st(&fixtures().join("expected_lora.safetensors"));
+    let expected = read_safetensors_f32(&fixtures().join("expected_lora.safetensors"));
     for t in model.targets.sets[&Component::Unet].targets.values() {
         let o = &out.overrides[&(Component::Unet, t.initializer.clone())];
         let OverrideData::F16(v) = &o.data else {

@@ -337,3 +337,23 @@ pub fn to_torch_layout(
         _ => v.to_vec(),
     }
 }
+
+/// Every F32 tensor of a safetensors file: name -> (shape, values).
+pub fn read_safetensors_f32(
+    path: &Path,
+) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k}");
+            let d = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (k, (v.shape().to_vec(), d))
+        })
+        .collect()
+}
