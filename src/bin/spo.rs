@@ -283,6 +283,10 @@ fn lora_inspect(file: &Path, model: &Path) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // A closed pipe (`spo lora inspect ... | head`) ends the process quietly,
+    // as for other command-line tools, instead of panicking in println!.
+    // SAFETY: called first thing, before any other thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Generate(g) => generate(*g),
