@@ -1,8 +1,9 @@
-//! The pipeline on a UNet from the dynamo exporter (issues #3 and #5):
-//! tests/fixtures/tiny-sd15-dynamo/unet, `spo_onnx.export --dynamo` of the same
-//! tiny SD 1.5 weights as tests/fixtures/tiny-sd15 (written by
-//! `python -m spo_onnx.fixtures --only tiny-sd15-dynamo`); the text encoder, VAE,
-//! tokenizer and scheduler are the TorchScript tiny-sd15 ones.
+//! The pipeline on UNets from the dynamo exporter (issues #3 and #5):
+//! tests/fixtures/tiny-{sd15,sdxl}-dynamo/unet, `spo_onnx.export --dynamo` of the
+//! same tiny weights as tests/fixtures/tiny-{sd15,sdxl} (written by
+//! `python -m spo_onnx.fixtures --only tiny-sd15-dynamo --only tiny-sdxl-dynamo`);
+//! the text encoders, VAE, tokenizers and scheduler are the TorchScript ones.
+//! On SDXL the LoRA goldens include the kohya SGM key form.
 //!
 //! Checked against the same diffusers torch goldens and with the same
 //! tolerances as the TorchScript graphs: every pipeline case of
@@ -22,17 +23,23 @@ use spo_runtime::model::{OnnxGraph, WeightLayout};
 use spo_runtime::pipeline::Pipeline;
 use spo_runtime::Options;
 
-const UNET: &str = "tiny-sd15-dynamo/unet";
+const MODELS: [&str; 2] = ["tiny-sd15", "tiny-sdxl"];
 
-fn load() -> (SwappedModel, Pipeline) {
-    let model = SwappedModel::new("tiny-sd15", "unet", UNET);
-    let p = Pipeline::load(&runtime(), &model.dir, &Options::new()).unwrap();
-    (model, p)
+fn unet(model: &str) -> String {
+    format!("{model}-dynamo/unet")
+}
+
+fn load(model: &str) -> (SwappedModel, Pipeline) {
+    let m = SwappedModel::new(model, "unet", &unet(model));
+    let p = Pipeline::load(&runtime(), &m.dir, &Options::new()).unwrap();
+    (m, p)
 }
 
 /// The diffusers UNet weights (`<module>.weight` -> (shape, values)).
-fn diffusers_unet() -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let path = fixture("diffusers/tiny-sd15/unet/diffusion_pytorch_model.safetensors");
+fn diffusers_unet(model: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let path = fixture(&format!(
+        "diffusers/{model}/unet/diffusion_pytorch_model.safetensors"
+    ));
     read_safetensors_f32(&path)
         .into_iter()
         .filter(|(k, _)| k.ends_with(".weight"))
@@ -43,11 +50,17 @@ fn diffusers_unet() -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
 /// with the diffusers weight values, and agrees with lora_targets.json.
 #[test]
 fn dynamo_targets_from_name_scopes() {
-    let dir = fixture(UNET);
+    for model in MODELS {
+        targets_from_name_scopes(model);
+    }
+}
+
+fn targets_from_name_scopes(model: &str) {
+    let dir = fixture(&unet(model));
     let path = dir.join("model.onnx");
     let bytes = std::fs::read(&path).unwrap();
-    let model = ModelProto::decode(&bytes[..]).unwrap();
-    let graph = model.graph.as_ref().unwrap();
+    let proto = ModelProto::decode(&bytes[..]).unwrap();
+    let graph = proto.graph.as_ref().unwrap();
     assert!(
         graph.node.iter().any(|n| n
             .metadata_props
@@ -61,7 +74,7 @@ fn dynamo_targets_from_name_scopes() {
     let manifest = read_json(&dir.join("lora_targets.json"));
     let modules = manifest["modules"].as_array().unwrap();
     assert!(manifest["missing"].as_array().unwrap().is_empty());
-    let weights = diffusers_unet();
+    let weights = diffusers_unet(model);
     let mut layouts = BTreeMap::new();
     for e in modules {
         let module = e["module"].as_str().unwrap();
@@ -90,17 +103,21 @@ fn dynamo_targets_from_name_scopes() {
         *layouts.entry(t.layout.as_str()).or_insert(0) += 1;
     }
     assert_eq!(targets.len(), modules.len(), "extra targets");
-    eprintln!("dynamo UNet: {} targets {layouts:?}", targets.len());
+    eprintln!("{model} dynamo UNet: {} targets {layouts:?}", targets.len());
 }
 
 #[test]
 fn dynamo_unet_matches_diffusers() {
-    let (_model, p) = load();
-    check_golden_cases("tiny-sd15 (dynamo UNet)", "tiny-sd15", &p);
+    for model in MODELS {
+        let (_m, p) = load(model);
+        check_golden_cases(&format!("{model} (dynamo UNet)"), model, &p);
+    }
 }
 
 #[test]
 fn dynamo_unet_lora_matches_diffusers_fuse() {
-    let (_model, p) = load();
-    check_lora_goldens("tiny-sd15 (dynamo UNet)", "tiny-sd15", &p, true);
+    for model in MODELS {
+        let (_m, p) = load(model);
+        check_lora_goldens(&format!("{model} (dynamo UNet)"), model, &p, true);
+    }
 }

@@ -182,6 +182,8 @@ UNET_VARIANTS = {
     "tiny-sd15-slots": ("tiny-sd15", {"lora_slots": 4}),
     # the dynamo exporter (tests/lora_dynamo.rs; ~2-4 min to export on 2 cores)
     "tiny-sd15-dynamo": ("tiny-sd15", {"dynamo": True}),
+    # SDXL on dynamo: the kohya SGM key form on a dynamo graph
+    "tiny-sdxl-dynamo": ("tiny-sdxl", {"dynamo": True}),
 }
 
 
@@ -194,7 +196,9 @@ def export_unet_variant(root, name):
     out = os.path.join(root, name)
     if os.path.exists(out):
         shutil.rmtree(out)
-    opts = dict(sdxl=export.is_sdxl(pipe), dtype=torch.float32, opset=export.DEFAULT_OPSET, dynamo=False, batch=2, static_hw=None, lora_slots=0)
+    sdxl = export.is_sdxl(pipe)
+    te_dim = pipe.text_encoder_2.config.projection_dim if sdxl else None
+    opts = dict(sdxl=sdxl, dtype=torch.float32, opset=export.DEFAULT_OPSET, dynamo=False, batch=2, static_hw=None, lora_slots=0, text_embeds_dim=te_dim)
     opts.update(kw)
     export.export_unet(pipe.unet, os.path.join(out, "unet"), **opts)
     return out
