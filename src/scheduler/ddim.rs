@@ -8,10 +8,7 @@
 //! with `eta > 0` noise is drawn at every step (the last included).
 
 use super::schedule::{self, TrainScheduleOpts};
-use super::{
-    check_len, check_step, require_noise, Prediction, Scheduler, SchedulerConfig, Spacing,
-    StepOutput,
-};
+use super::{check_len, check_step, LinearStep, Prediction, Scheduler, SchedulerConfig, Spacing};
 use crate::error::{Error, Result};
 
 /// diffusers `DDIMScheduler`.
@@ -115,25 +112,13 @@ impl Scheduler for DdimScheduler {
         1.0
     }
 
-    fn scale_model_input(&self, sample: &[f32], step_index: usize) -> Result<Vec<f32>> {
+    fn input_scale(&self, step_index: usize) -> Result<f64> {
         check_step("ddim", step_index, self.timesteps.len())?;
-        Ok(sample.to_vec())
+        Ok(1.0)
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        step_index: usize,
-        sample: &[f32],
-        noise: Option<&[f32]>,
-    ) -> Result<StepOutput> {
+    fn linear_step(&mut self, step_index: usize) -> Result<LinearStep> {
         check_step("ddim", step_index, self.timesteps.len())?;
-        check_len("model_output", model_output.len(), sample.len())?;
-        let z = if self.eta > 0.0 {
-            Some(require_noise("ddim", step_index, noise, sample.len())?)
-        } else {
-            None
-        };
         let t = self.int_timesteps[step_index];
         let prev_t = t - (self.config.num_train_timesteps / self.num_inference_steps) as i64;
         let a_t = self.alpha_at(t)?;
@@ -143,32 +128,30 @@ impl Scheduler for DdimScheduler {
             self.final_alpha_cumprod
         };
         let b_t = 1.0 - a_t;
+        let (sa, sb) = (a_t.sqrt(), b_t.sqrt());
         let b_prev = 1.0 - a_prev;
         let variance = b_prev / b_t * (1.0 - a_t / a_prev);
         let std_dev = self.eta * variance.sqrt();
         let dir_coef = (1.0 - a_prev - std_dev * std_dev).max(0.0).sqrt();
-        let range = self.config.clip_sample_range;
-        let mut out = StepOutput::with_capacity(sample.len());
-        for (i, (&x, &m)) in sample.iter().zip(model_output).enumerate() {
-            let (x, m) = (f64::from(x), f64::from(m));
-            let (mut x0, eps) = match self.pred {
-                Prediction::Epsilon => ((x - b_t.sqrt() * m) / a_t.sqrt(), m),
-                Prediction::Sample => (m, (x - a_t.sqrt() * m) / b_t.sqrt()),
-                Prediction::VPrediction => (
-                    a_t.sqrt() * x - b_t.sqrt() * m,
-                    a_t.sqrt() * m + b_t.sqrt() * x,
-                ),
-            };
-            if self.clip_sample {
-                x0 = x0.clamp(-range, range);
-            }
-            let mut prev = a_prev.sqrt() * x0 + dir_coef * eps;
-            if let Some(z) = z {
-                prev += std_dev * f64::from(z[i]);
-            }
-            out.push(prev, x0);
-        }
-        Ok(out)
+        let (x0_sample, x0_model) = LinearStep::x0_of(self.pred, sa, sb);
+        // The epsilon that points to x_t (from the unclipped x0, as diffusers'
+        // default use_clipped_model_output=False does).
+        let (eps_sample, eps_model) = match self.pred {
+            Prediction::Epsilon => (0.0, 1.0),
+            Prediction::Sample => (1.0 / sb, -sa / sb),
+            Prediction::VPrediction => (sb, sa),
+        };
+        // prev = sqrt(a_prev) * x0 + dir_coef * eps + std_dev * noise
+        Ok(LinearStep {
+            x0_sample,
+            x0_model,
+            clip: self.clip_sample.then_some(self.config.clip_sample_range),
+            prev_sample: dir_coef * eps_sample,
+            prev_model: dir_coef * eps_model,
+            prev_x0: a_prev.sqrt(),
+            prev_noise: if self.eta > 0.0 { std_dev } else { 0.0 },
+            ..LinearStep::default()
+        })
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>> {

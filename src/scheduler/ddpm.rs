@@ -8,10 +8,7 @@
 //! (-1 after the last); noise is drawn whenever the current timestep is > 0.
 
 use super::schedule::{self, TrainScheduleOpts};
-use super::{
-    check_len, check_step, require_noise, Prediction, Scheduler, SchedulerConfig, Spacing,
-    StepOutput,
-};
+use super::{check_len, check_step, LinearStep, Prediction, Scheduler, SchedulerConfig, Spacing};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,26 +110,14 @@ impl Scheduler for DdpmScheduler {
         1.0
     }
 
-    fn scale_model_input(&self, sample: &[f32], step_index: usize) -> Result<Vec<f32>> {
+    fn input_scale(&self, step_index: usize) -> Result<f64> {
         check_step("ddpm", step_index, self.timesteps.len())?;
-        Ok(sample.to_vec())
+        Ok(1.0)
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        step_index: usize,
-        sample: &[f32],
-        noise: Option<&[f32]>,
-    ) -> Result<StepOutput> {
+    fn linear_step(&mut self, step_index: usize) -> Result<LinearStep> {
         check_step("ddpm", step_index, self.timesteps.len())?;
-        check_len("model_output", model_output.len(), sample.len())?;
         let t = self.int_timesteps[step_index];
-        let z = if t > 0 {
-            Some(require_noise("ddpm", step_index, noise, sample.len())?)
-        } else {
-            None
-        };
         let prev_t = self
             .int_timesteps
             .get(step_index + 1)
@@ -148,8 +133,6 @@ impl Scheduler for DdpmScheduler {
         let b_prev = 1.0 - a_prev;
         let cur_alpha = a_t / a_prev;
         let cur_beta = 1.0 - cur_alpha;
-        let x0_coef = a_prev.sqrt() * cur_beta / b_t;
-        let x_coef = cur_alpha.sqrt() * b_prev / b_t;
         let std = {
             let small = (b_prev / b_t * cur_beta).max(1e-20);
             match self.variance {
@@ -158,25 +141,17 @@ impl Scheduler for DdpmScheduler {
                 Variance::Large => cur_beta.sqrt(),
             }
         };
-        let range = self.config.clip_sample_range;
-        let mut out = StepOutput::with_capacity(sample.len());
-        for (i, (&x, &m)) in sample.iter().zip(model_output).enumerate() {
-            let (x, m) = (f64::from(x), f64::from(m));
-            let mut x0 = match self.pred {
-                Prediction::Epsilon => (x - b_t.sqrt() * m) / a_t.sqrt(),
-                Prediction::Sample => m,
-                Prediction::VPrediction => a_t.sqrt() * x - b_t.sqrt() * m,
-            };
-            if self.clip_sample {
-                x0 = x0.clamp(-range, range);
-            }
-            let mut prev = x0_coef * x0 + x_coef * x;
-            if let Some(z) = z {
-                prev += std * f64::from(z[i]);
-            }
-            out.push(prev, x0);
-        }
-        Ok(out)
+        let (x0_sample, x0_model) = LinearStep::x0_of(self.pred, a_t.sqrt(), b_t.sqrt());
+        // prev = x0_coef * x0 + x_coef * x + std * noise (noise while t > 0)
+        Ok(LinearStep {
+            x0_sample,
+            x0_model,
+            clip: self.clip_sample.then_some(self.config.clip_sample_range),
+            prev_sample: cur_alpha.sqrt() * b_prev / b_t,
+            prev_x0: a_prev.sqrt() * cur_beta / b_t,
+            prev_noise: if t > 0 { std } else { 0.0 },
+            ..LinearStep::default()
+        })
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>> {

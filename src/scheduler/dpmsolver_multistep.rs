@@ -15,8 +15,8 @@
 
 use super::schedule::{self, f32r, TrainScheduleOpts};
 use super::{
-    check_len, check_step, BetaSchedule, Prediction, Scheduler, SchedulerConfig, Spacing,
-    StepOutput,
+    check_len, check_step, BetaSchedule, LinearStep, Prediction, Scheduler, SchedulerConfig,
+    Spacing, StepOutput,
 };
 use crate::error::{Error, Result};
 
@@ -33,8 +33,8 @@ pub struct DpmSolverMultistepScheduler {
     timesteps: Vec<f64>,
     sigmas: Vec<f64>,
     begin_index: usize,
-    /// Data predictions of the last `solver_order` steps, oldest first.
-    model_outputs: Vec<Option<Vec<f64>>>,
+    /// The previous step's data prediction (host stepping through [`Scheduler::step`]).
+    last_x0: Option<Vec<f32>>,
     lower_order_nums: usize,
     next_step: Option<usize>,
 }
@@ -83,7 +83,7 @@ impl DpmSolverMultistepScheduler {
             pred: config.prediction()?,
             spacing: config.spacing_or(Spacing::Linspace)?,
             heun,
-            model_outputs: vec![None; config.solver_order],
+            last_x0: None,
             config,
             alphas_cumprod,
             train_sigmas,
@@ -96,7 +96,7 @@ impl DpmSolverMultistepScheduler {
     }
 
     fn reset_state(&mut self) {
-        self.model_outputs = vec![None; self.config.solver_order];
+        self.last_x0 = None;
         self.lower_order_nums = 0;
         self.next_step = None;
     }
@@ -227,21 +227,14 @@ impl Scheduler for DpmSolverMultistepScheduler {
         1.0
     }
 
-    fn scale_model_input(&self, sample: &[f32], step_index: usize) -> Result<Vec<f32>> {
+    fn input_scale(&self, step_index: usize) -> Result<f64> {
         check_step(self.name, step_index, self.timesteps.len())?;
-        Ok(sample.to_vec())
+        Ok(1.0)
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        step_index: usize,
-        sample: &[f32],
-        _noise: Option<&[f32]>,
-    ) -> Result<StepOutput> {
+    fn linear_step(&mut self, step_index: usize) -> Result<LinearStep> {
         let n = self.timesteps.len();
         check_step(self.name, step_index, n)?;
-        check_len("model_output", model_output.len(), sample.len())?;
         if let Some(want) = self.next_step {
             if step_index != want {
                 return Err(Error::invalid_argument(format!(
@@ -261,20 +254,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         // convert_model_output: the data prediction x0.
         let s0 = self.sigmas[step_index];
         let (alpha_s0, sigma_s0) = Self::alpha_sigma(s0);
-        let x0: Vec<f64> = sample
-            .iter()
-            .zip(model_output)
-            .map(|(&x, &m)| {
-                let (x, m) = (f64::from(x), f64::from(m));
-                match self.pred {
-                    Prediction::Epsilon => (x - sigma_s0 * m) / alpha_s0,
-                    Prediction::VPrediction => alpha_s0 * x - sigma_s0 * m,
-                    Prediction::Sample => m,
-                }
-            })
-            .collect();
-        self.model_outputs.rotate_left(1);
-        self.model_outputs[order - 1] = Some(x0);
+        let (x0_sample, x0_model) = LinearStep::x0_of(self.pred, alpha_s0, sigma_s0);
 
         let st = self.sigmas[step_index + 1];
         let (alpha_t, sigma_t) = Self::alpha_sigma(st);
@@ -282,48 +262,49 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let lambda_s0 = alpha_s0.ln() - sigma_s0.ln();
         let h = lambda_t - lambda_s0;
         let em1 = (-h).exp() - 1.0;
-        let ratio = sigma_t / sigma_s0;
-        let m0 = self.model_outputs[order - 1].as_ref().expect("just stored");
-
-        let first = order == 1 || self.lower_order_nums < 1 || lower_order_final;
-        let prev_sample: Vec<f32> = if first {
-            sample
-                .iter()
-                .zip(m0)
-                .map(|(&x, &d0)| (ratio * f64::from(x) - alpha_t * em1 * d0) as f32)
-                .collect()
-        } else {
-            let m1 = self.model_outputs[order - 2]
-                .as_ref()
-                .expect("second-order step has a previous output");
-            let lambda_s1 = Self::lambda(self.sigmas[step_index - 1]);
-            let h0 = lambda_s0 - lambda_s1;
-            let r0 = h0 / h;
-            sample
-                .iter()
-                .zip(m0.iter().zip(m1))
-                .map(|(&x, (&a, &b))| {
-                    let d0 = a;
-                    let d1 = (1.0 / r0) * (a - b);
-                    let x = f64::from(x);
-                    let v = if self.heun {
-                        ratio * x - alpha_t * em1 * d0 + alpha_t * (em1 / h + 1.0) * d1
-                    } else {
-                        ratio * x - alpha_t * em1 * d0 - 0.5 * (alpha_t * em1) * d1
-                    };
-                    v as f32
-                })
-                .collect()
+        // First order: prev = (sigma_t / sigma_s0) * x - alpha_t * em1 * D0.
+        let mut step = LinearStep {
+            x0_sample,
+            x0_model,
+            prev_sample: sigma_t / sigma_s0,
+            prev_x0: -alpha_t * em1,
+            ..LinearStep::default()
         };
+        if !(order == 1 || self.lower_order_nums < 1 || lower_order_final) {
+            // Second order adds a multiple of D1 = (D0 - D_prev) / r0.
+            let lambda_s1 = Self::lambda(self.sigmas[step_index - 1]);
+            let r0 = (lambda_s0 - lambda_s1) / h;
+            let d1 = if self.heun {
+                alpha_t * (em1 / h + 1.0)
+            } else {
+                -0.5 * (alpha_t * em1)
+            } / r0;
+            step.prev_x0 += d1;
+            step.prev_history = -d1;
+        }
         if self.lower_order_nums < order {
             self.lower_order_nums += 1;
         }
         self.next_step = Some(step_index + 1);
-        let pred_original_sample = m0.iter().map(|&v| v as f32).collect();
-        Ok(StepOutput {
-            prev_sample,
-            pred_original_sample,
-        })
+        Ok(step)
+    }
+
+    fn step(
+        &mut self,
+        model_output: &[f32],
+        step_index: usize,
+        sample: &[f32],
+        _noise: Option<&[f32]>,
+    ) -> Result<StepOutput> {
+        check_len("model_output", model_output.len(), sample.len())?;
+        let out = self.linear_step(step_index)?.apply(
+            model_output,
+            sample,
+            self.last_x0.as_deref(),
+            None,
+        )?;
+        self.last_x0 = Some(out.pred_original_sample.clone());
+        Ok(out)
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>> {

@@ -9,10 +9,7 @@
 //! no Karras option; `use_karras_sigmas` in the config is ignored, as in diffusers.
 
 use super::schedule::{self, f32r, TrainScheduleOpts};
-use super::{
-    check_len, check_step, require_noise, Prediction, Scheduler, SchedulerConfig, Spacing,
-    StepOutput,
-};
+use super::{check_len, check_step, LinearStep, Prediction, Scheduler, SchedulerConfig, Spacing};
 use crate::error::{Error, Result};
 
 /// diffusers `EulerAncestralDiscreteScheduler`.
@@ -112,38 +109,31 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         }
     }
 
-    fn scale_model_input(&self, sample: &[f32], step_index: usize) -> Result<Vec<f32>> {
+    fn input_scale(&self, step_index: usize) -> Result<f64> {
         check_step("euler_a", step_index, self.timesteps.len())?;
         let s = self.sigmas[step_index];
-        let d = (s * s + 1.0).sqrt();
-        Ok(sample.iter().map(|&x| (f64::from(x) / d) as f32).collect())
+        Ok(1.0 / (s * s + 1.0).sqrt())
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        step_index: usize,
-        sample: &[f32],
-        noise: Option<&[f32]>,
-    ) -> Result<StepOutput> {
+    fn linear_step(&mut self, step_index: usize) -> Result<LinearStep> {
         check_step("euler_a", step_index, self.timesteps.len())?;
-        check_len("model_output", model_output.len(), sample.len())?;
-        let z = require_noise("euler_a", step_index, noise, sample.len())?;
         let sigma = self.sigmas[step_index];
         let (up, down) = self.up_down(step_index);
         let dt = down - sigma;
-        let c = sigma * sigma + 1.0;
-        let mut out = StepOutput::with_capacity(sample.len());
-        for ((&x, &m), &z) in sample.iter().zip(model_output).zip(z) {
-            let (x, m) = (f64::from(x), f64::from(m));
-            let x0 = match self.pred {
-                Prediction::VPrediction => m * (-sigma / c.sqrt()) + x / c,
-                _ => x - sigma * m,
-            };
-            let d = (x - x0) / sigma;
-            out.push(x + d * dt + f64::from(z) * up, x0);
-        }
-        Ok(out)
+        let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+        let (x0_sample, x0_model) = match self.pred {
+            Prediction::VPrediction => (alpha * alpha, -sigma * alpha),
+            _ => (1.0, -sigma),
+        };
+        // prev = x + (x - x0) / sigma * dt + noise * sigma_up
+        Ok(LinearStep {
+            x0_sample,
+            x0_model,
+            prev_sample: 1.0 + dt / sigma,
+            prev_x0: -dt / sigma,
+            prev_noise: up,
+            ..LinearStep::default()
+        })
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>> {

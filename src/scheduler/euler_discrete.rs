@@ -8,7 +8,7 @@
 //! `add_noise`. Exponential / beta sigmas and `log_linear` interpolation are refused.
 
 use super::schedule::{self, f32r, TrainScheduleOpts};
-use super::{check_len, check_step, Prediction, Scheduler, SchedulerConfig, Spacing, StepOutput};
+use super::{check_len, check_step, LinearStep, Prediction, Scheduler, SchedulerConfig, Spacing};
 use crate::error::{Error, Result};
 
 /// diffusers `EulerDiscreteScheduler`.
@@ -135,37 +135,32 @@ impl Scheduler for EulerDiscreteScheduler {
         }
     }
 
-    fn scale_model_input(&self, sample: &[f32], step_index: usize) -> Result<Vec<f32>> {
+    fn input_scale(&self, step_index: usize) -> Result<f64> {
         check_step("euler", step_index, self.timesteps.len())?;
         let s = self.sigmas[step_index];
-        let d = (s * s + 1.0).sqrt();
-        Ok(sample.iter().map(|&x| (f64::from(x) / d) as f32).collect())
+        Ok(1.0 / (s * s + 1.0).sqrt())
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        step_index: usize,
-        sample: &[f32],
-        _noise: Option<&[f32]>,
-    ) -> Result<StepOutput> {
+    fn linear_step(&mut self, step_index: usize) -> Result<LinearStep> {
         check_step("euler", step_index, self.timesteps.len())?;
-        check_len("model_output", model_output.len(), sample.len())?;
         let sigma = self.sigmas[step_index];
         let dt = self.sigmas[step_index + 1] - sigma;
-        let c = sigma * sigma + 1.0;
-        let mut out = StepOutput::with_capacity(sample.len());
-        for (&x, &m) in sample.iter().zip(model_output) {
-            let (x, m) = (f64::from(x), f64::from(m));
-            let x0 = match self.pred {
-                Prediction::Epsilon => x - sigma * m,
-                Prediction::VPrediction => m * (-sigma / c.sqrt()) + x / c,
-                Prediction::Sample => m,
-            };
-            let d = (x - x0) / sigma;
-            out.push(x + d * dt, x0);
-        }
-        Ok(out)
+        // derivative d = (x - x0) / sigma; prev = x + d * dt
+        let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+        let (x0_sample, x0_model) = match self.pred {
+            // x0 = x - sigma * eps (the Euler family's sample is the VE one)
+            Prediction::Epsilon => (1.0, -sigma),
+            // x0 = v * (-sigma / sqrt(c)) + x / c, c = sigma^2 + 1
+            Prediction::VPrediction => (alpha * alpha, -sigma * alpha),
+            Prediction::Sample => (0.0, 1.0),
+        };
+        Ok(LinearStep {
+            x0_sample,
+            x0_model,
+            prev_sample: 1.0 + dt / sigma,
+            prev_x0: -dt / sigma,
+            ..LinearStep::default()
+        })
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>> {

@@ -391,17 +391,79 @@ pub struct StepOutput {
     pub pred_original_sample: Vec<f32>,
 }
 
-impl StepOutput {
-    pub(crate) fn with_capacity(n: usize) -> Self {
-        StepOutput {
-            prev_sample: Vec::with_capacity(n),
-            pred_original_sample: Vec::with_capacity(n),
+/// One scheduler step worked out as a linear map, element by element:
+///
+/// ```text
+/// x0   = clip(x0_sample * sample + x0_model * model_output)
+/// prev = prev_sample * sample + prev_model * model_output + prev_x0 * x0
+///      + prev_history * history + prev_noise * noise
+/// ```
+///
+/// `history` is the previous step's x0 (DPM-Solver's second order), `noise` the
+/// step's standard-normal draw, and `clip` the `clip_sample` range of DDIM and
+/// DDPM. Every supported diffusers update has this form once its scalars are
+/// worked out, so the same coefficients drive the host loop ([`LinearStep::apply`])
+/// and the step graph that keeps the latents on the device
+/// (`pipeline::step_graph`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinearStep {
+    pub x0_sample: f64,
+    pub x0_model: f64,
+    pub clip: Option<f64>,
+    pub prev_sample: f64,
+    pub prev_model: f64,
+    pub prev_x0: f64,
+    pub prev_history: f64,
+    pub prev_noise: f64,
+}
+
+impl LinearStep {
+    /// x0 from `(x0_sample, x0_model)` for a prediction type whose data
+    /// prediction is `x0 = (sample - sigma * eps) / alpha` (epsilon),
+    /// `alpha * sample - sigma * v` (v) or the output itself (sample), with
+    /// `alpha^2 + sigma^2 = 1` in the VP parametrisation used here.
+    pub(crate) fn x0_of(pred: Prediction, alpha: f64, sigma: f64) -> (f64, f64) {
+        match pred {
+            Prediction::Epsilon => (1.0 / alpha, -sigma / alpha),
+            Prediction::VPrediction => (alpha, -sigma),
+            Prediction::Sample => (0.0, 1.0),
         }
     }
 
-    pub(crate) fn push(&mut self, prev: f64, x0: f64) {
-        self.prev_sample.push(prev as f32);
-        self.pred_original_sample.push(x0 as f32);
+    /// Evaluates the step on host slices (in `f64`). `history` and `noise` are
+    /// required where their coefficients are non-zero.
+    pub fn apply(
+        &self,
+        model_output: &[f32],
+        sample: &[f32],
+        history: Option<&[f32]>,
+        noise: Option<&[f32]>,
+    ) -> Result<StepOutput> {
+        let n = sample.len();
+        check_len("model_output", model_output.len(), n)?;
+        let h = required(history, self.prev_history, "the previous step's x0", n)?;
+        let z = required(noise, self.prev_noise, "noise", n)?;
+        let mut out = StepOutput {
+            prev_sample: Vec::with_capacity(n),
+            pred_original_sample: Vec::with_capacity(n),
+        };
+        for i in 0..n {
+            let (x, m) = (f64::from(sample[i]), f64::from(model_output[i]));
+            let mut x0 = self.x0_sample * x + self.x0_model * m;
+            if let Some(r) = self.clip {
+                x0 = x0.clamp(-r, r);
+            }
+            let mut prev = self.prev_sample * x + self.prev_model * m + self.prev_x0 * x0;
+            if let Some(h) = h {
+                prev += self.prev_history * f64::from(h[i]);
+            }
+            if let Some(z) = z {
+                prev += self.prev_noise * f64::from(z[i]);
+            }
+            out.prev_sample.push(prev as f32);
+            out.pred_original_sample.push(x0 as f32);
+        }
+        Ok(out)
     }
 }
 
@@ -423,9 +485,17 @@ pub trait Scheduler: Send {
     /// Standard deviation of the initial noise: multiply `N(0, 1)` noise by it for
     /// text-to-image.
     fn init_noise_sigma(&self) -> f64;
-    /// The UNet input for step `step_index` (identity except for the Euler family,
-    /// which divides by `sqrt(sigma^2 + 1)`).
-    fn scale_model_input(&self, sample: &[f32], step_index: usize) -> Result<Vec<f32>>;
+    /// The factor the UNet input is scaled by at `step_index` (1 except for the
+    /// Euler family: `1 / sqrt(sigma^2 + 1)`).
+    fn input_scale(&self, step_index: usize) -> Result<f64>;
+    /// The UNet input for step `step_index`: `sample * input_scale(step_index)`.
+    fn scale_model_input(&self, sample: &[f32], step_index: usize) -> Result<Vec<f32>> {
+        let k = self.input_scale(step_index)?;
+        Ok(sample.iter().map(|&x| (f64::from(x) * k) as f32).collect())
+    }
+    /// Step `step_index` as a [`LinearStep`]. This advances multistep state as
+    /// [`step`](Self::step) does, so call one or the other once per step, in order.
+    fn linear_step(&mut self, step_index: usize) -> Result<LinearStep>;
     /// One denoising step from `sample` at `step_index` to the previous sample.
     /// `noise` (standard normal, same size) is required when
     /// [`needs_noise`](Self::needs_noise) is true and ignored otherwise.
@@ -435,7 +505,16 @@ pub trait Scheduler: Send {
         step_index: usize,
         sample: &[f32],
         noise: Option<&[f32]>,
-    ) -> Result<StepOutput>;
+    ) -> Result<StepOutput> {
+        check_len("model_output", model_output.len(), sample.len())?;
+        let noise = if self.needs_noise(step_index) {
+            Some(require_noise(self.name(), step_index, noise, sample.len())?)
+        } else {
+            None
+        };
+        self.linear_step(step_index)?
+            .apply(model_output, sample, None, noise)
+    }
     /// Noises `original` to the level of step `step_index` (img2img start).
     fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>>;
     /// Model evaluations per step (1 for all schedulers here).
@@ -512,6 +591,23 @@ pub fn build_scheduler(
 }
 
 // ---- helpers shared by the scheduler files ----
+
+/// `v` where its coefficient is non-zero (then it must be given, of length `n`).
+fn required<'a>(
+    v: Option<&'a [f32]>,
+    coef: f64,
+    what: &str,
+    n: usize,
+) -> Result<Option<&'a [f32]>> {
+    if coef == 0.0 {
+        return Ok(None);
+    }
+    let v = v.ok_or_else(|| {
+        Error::invalid_argument(format!("this step needs {what}, none was given"))
+    })?;
+    check_len(what, v.len(), n)?;
+    Ok(Some(v))
+}
 
 pub(crate) fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {
