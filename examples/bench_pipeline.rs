@@ -2,6 +2,7 @@
 //!
 //!   cargo run --release --example bench_pipeline -- [--model DIR] [--steps N]
 //!       [--repeats R] [--ep cpu] [--threads T] [--raw] [--interleave repeat|step]
+//!       [--step-math graph|host]
 //!
 //! In one process, over R repeats, it interleaves (by default block by block,
 //! alternating which goes first; `--interleave step`: call by call):
@@ -30,7 +31,7 @@ use ort::session::Session;
 use ort::value::TensorRef;
 use spo_runtime::model::ModelFolder;
 use spo_runtime::pipeline::rng::TorchRng;
-use spo_runtime::pipeline::{JobSpec, Pipeline, Status};
+use spo_runtime::pipeline::{JobSpec, Pipeline, Status, StepMath};
 use spo_runtime::runtime::session::{DType, Graph, Input};
 use spo_runtime::runtime::{LogLevel, Logger};
 use spo_runtime::scheduler::{build_scheduler, Scheduler, SchedulerConfig};
@@ -49,11 +50,13 @@ struct Args {
     raw: bool,
     /// Interleave call by call instead of block by block.
     fine: bool,
+    /// The job's loop (`JobSpec::step_math`).
+    step_math: StepMath,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench_pipeline [--model DIR] [--steps N] [--repeats R] [--ep LIST] [--threads T] [--raw] [--interleave repeat|step]"
+        "usage: bench_pipeline [--model DIR] [--steps N] [--repeats R] [--ep LIST] [--threads T] [--raw] [--interleave repeat|step] [--step-math graph|host]"
     );
     std::process::exit(2)
 }
@@ -67,6 +70,7 @@ fn parse_args() -> Args {
         threads: None,
         raw: false,
         fine: false,
+        step_math: StepMath::Graph,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,6 +82,13 @@ fn parse_args() -> Args {
             "--ep" => a.ep = value(),
             "--threads" => a.threads = Some(value().parse().unwrap_or_else(|_| usage())),
             "--raw" => a.raw = true,
+            "--step-math" => {
+                a.step_math = match value().as_str() {
+                    "graph" => StepMath::Graph,
+                    "host" => StepMath::Host,
+                    _ => usage(),
+                }
+            }
             "--interleave" => match value().as_str() {
                 "step" => a.fine = true,
                 "repeat" => a.fine = false,
@@ -407,6 +418,7 @@ fn run(args: Args) -> Result<()> {
         steps: args.steps,
         guidance: GUIDANCE,
         seed: SEED,
+        step_math: args.step_math,
         ..JobSpec::default()
     };
     // Warm-up job: first-run allocations, and the latent shape the pipeline uses.
@@ -496,10 +508,11 @@ fn report(
         .threads
         .map_or("ORT default".to_owned(), |t| t.to_string());
     println!(
-        "model      {} ({}), {} steps, guidance {GUIDANCE}, {} repeats, interleaved by {}",
+        "model      {} ({}), {} steps, guidance {GUIDANCE}, step math {:?}, {} repeats, interleaved by {}",
         args.model.display(),
         pipeline.kind().name(),
         args.steps,
+        args.step_math,
         args.repeats,
         if args.fine { "step" } else { "repeat" }
     );

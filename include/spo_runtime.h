@@ -207,7 +207,10 @@ void spo_error_free(struct spo_error *error);
 // (euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, ddpm), "eta", "seed",
 // "generator" ("torch-cpu": same latents as torch.Generator("cpu").manual_seed),
 // "num_images", "clip_skip", "init_image" (PNG path, img2img), "strength",
-// "original_size" / "target_size" ("HxW"), "crops_coords_top_left" ("T,L").
+// "original_size" / "target_size" ("HxW"), "crops_coords_top_left" ("T,L"),
+// "step_math" ("graph", the default: guidance and the scheduler update run as
+// an ONNX graph beside the UNet, so the latents stay where the UNet runs, in
+// GPU memory under CUDA; "host": on host arrays, the reference path).
 //
 // A pipeline holds one active job: from creation until the job finishes,
 // fails, is cancelled or is freed. Creating another meanwhile is SPO_ERR_BUSY.
@@ -252,7 +255,8 @@ void spo_job_cancel(const struct spo_job *job);
 
 // Copies the predicted x0 latents of the latest finished step (diffusers'
 // `pred_original_sample`): f32, NCHW `[num_images, C, h, w]`, in latent
-// space (not divided by the VAE scaling factor). Cheap: no model call.
+// space (not divided by the VAE scaling factor). Cheap: no model call, one
+// copy (from GPU memory when the loop runs there).
 //
 // `shape` (4 values) is written on success. With `data` NULL only the shape
 // is reported; otherwise `capacity` (in floats) must hold the product of the

@@ -40,6 +40,7 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
     ("original_size", "job"),
     ("crops_coords_top_left", "job"),
     ("target_size", "job"),
+    ("step_math", "job"),
 ];
 
 /// An ordered key/value bag. Values are kept as strings and parsed by the

@@ -20,7 +20,7 @@ use common::*;
 use prost::Message;
 use spo_runtime::model::onnx_proto::ModelProto;
 use spo_runtime::model::{OnnxGraph, WeightLayout};
-use spo_runtime::pipeline::Pipeline;
+use spo_runtime::pipeline::{Pipeline, StepMath};
 use spo_runtime::Options;
 
 const MODELS: [&str; 2] = ["tiny-sd15", "tiny-sdxl"];
@@ -110,7 +110,12 @@ fn targets_from_name_scopes(model: &str) {
 fn dynamo_unet_matches_diffusers() {
     for model in MODELS {
         let (_m, p) = load(model);
-        check_golden_cases(&format!("{model} (dynamo UNet)"), model, &p);
+        check_golden_cases(
+            &format!("{model} (dynamo UNet)"),
+            model,
+            &p,
+            StepMath::Graph,
+        );
     }
 }
 

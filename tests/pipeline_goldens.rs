@@ -13,7 +13,7 @@ mod common;
 
 use common::*;
 use spo_runtime::pipeline::rng::TorchRng;
-use spo_runtime::pipeline::Pipeline;
+use spo_runtime::pipeline::{Pipeline, StepMath};
 use spo_runtime::text::ClipTokenizer;
 use spo_runtime::Options;
 
@@ -98,7 +98,7 @@ fn run_model(model: &str) {
     let (p, index) = load(model);
     tokenizer_ids(model, &index);
     embeddings(model, &p, &index);
-    check_golden_cases(model, model, &p);
+    check_golden_cases(model, model, &p, StepMath::Graph);
 }
 
 #[test]
@@ -109,6 +109,15 @@ fn tiny_sdxl_matches_diffusers() {
 #[test]
 fn tiny_sd15_matches_diffusers() {
     run_model("tiny-sd15");
+}
+
+/// The host loop (f64 scheduler math on host arrays) against the same goldens.
+#[test]
+fn host_step_math_matches_diffusers() {
+    for model in ["tiny-sd15", "tiny-sdxl"] {
+        let (p, _) = load(model);
+        check_golden_cases(model, model, &p, StepMath::Host);
+    }
 }
 
 /// Seeded noise equals torch.randn with torch.Generator("cpu").manual_seed(seed).

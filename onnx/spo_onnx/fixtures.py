@@ -184,6 +184,8 @@ UNET_VARIANTS = {
     "tiny-sd15-dynamo": ("tiny-sd15", {"dynamo": True}),
     # SDXL on dynamo: the kohya SGM key form on a dynamo graph
     "tiny-sdxl-dynamo": ("tiny-sdxl", {"dynamo": True}),
+    # fp16 I/O and weights: the step graph's casts (tests/step_math.rs)
+    "tiny-sd15-fp16": ("tiny-sd15", {"dtype": torch.float16}),
 }
 
 

@@ -65,7 +65,10 @@ fn lock(job: &spo_job) -> Result<parking_lot::MutexGuard<'_, Job>> {
 /// (euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, ddpm), "eta", "seed",
 /// "generator" ("torch-cpu": same latents as torch.Generator("cpu").manual_seed),
 /// "num_images", "clip_skip", "init_image" (PNG path, img2img), "strength",
-/// "original_size" / "target_size" ("HxW"), "crops_coords_top_left" ("T,L").
+/// "original_size" / "target_size" ("HxW"), "crops_coords_top_left" ("T,L"),
+/// "step_math" ("graph", the default: guidance and the scheduler update run as
+/// an ONNX graph beside the UNet, so the latents stay where the UNet runs, in
+/// GPU memory under CUDA; "host": on host arrays, the reference path).
 ///
 /// A pipeline holds one active job: from creation until the job finishes,
 /// fails, is cancelled or is freed. Creating another meanwhile is SPO_ERR_BUSY.
@@ -182,7 +185,8 @@ pub extern "C" fn spo_job_cancel(job: *const spo_job) {
 
 /// Copies the predicted x0 latents of the latest finished step (diffusers'
 /// `pred_original_sample`): f32, NCHW `[num_images, C, h, w]`, in latent
-/// space (not divided by the VAE scaling factor). Cheap: no model call.
+/// space (not divided by the VAE scaling factor). Cheap: no model call, one
+/// copy (from GPU memory when the loop runs there).
 ///
 /// `shape` (4 values) is written on success. With `data` NULL only the shape
 /// is reported; otherwise `capacity` (in floats) must hold the product of the
@@ -204,11 +208,14 @@ pub extern "C" fn spo_job_preview(
     call(|| {
         let job = arg_ref(job, "job")?;
         let shape = out_slot(shape.cast::<[usize; 4]>(), "shape")?;
-        let slot = job.preview.lock();
-        let p = slot.as_ref().ok_or_else(|| {
-            Error::invalid_argument("no preview yet: no denoising step has finished")
-        })?;
-        if !data.is_null() {
+        let no_preview =
+            || Error::invalid_argument("no preview yet: no denoising step has finished");
+        // The shape of a job's preview never changes; a copy is taken only
+        // when there is somewhere to put it.
+        let (step_done, p_shape) = if data.is_null() {
+            job.preview.info().ok_or_else(no_preview)?
+        } else {
+            let p = job.preview.get()?.ok_or_else(no_preview)?;
             if capacity < p.latents.len() {
                 return Err(Error::invalid_argument(format!(
                     "preview buffer holds {capacity} floats; shape {:?} needs {}",
@@ -218,11 +225,12 @@ pub extern "C" fn spo_job_preview(
             }
             // SAFETY: the caller owns `capacity` floats at `data`, checked above.
             unsafe { std::ptr::copy_nonoverlapping(p.latents.as_ptr(), data, p.latents.len()) };
-        }
-        *shape = p.shape;
+            (p.step, p.shape)
+        };
+        *shape = p_shape;
         // SAFETY: NULL or caller storage.
         if let Some(s) = unsafe { step.as_mut() } {
-            *s = p.step as u32;
+            *s = step_done as u32;
         }
         Ok(())
     })

@@ -67,7 +67,7 @@ pub fn cat_batch(parts: &[&ArrayD<f32>]) -> Result<ArrayD<f32>> {
         .map_err(|e| Error::invalid_model(format!("cannot batch tensors: {e}")))
 }
 
-fn timestep_input(unet: &Graph, t: f64, batch: usize) -> Result<Input> {
+pub(crate) fn timestep_input(unet: &Graph, t: f64, batch: usize) -> Result<Input> {
     let spec = unet.require_input("timestep")?;
     let shape: Vec<usize> = match spec.shape.len() {
         0 => vec![],

@@ -3,21 +3,26 @@
 //! over several frames. The first step encodes the prompts and draws the initial
 //! latents; the last step also decodes the images.
 
+use std::collections::hash_map::Entry;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ndarray::{ArrayD, IxDyn};
 use ort::session::RunOptions;
+use ort::value::DynTensor;
 use parking_lot::Mutex;
 
 use super::denoise::{self, repeat_batch, Conditioning};
 use super::image::Image;
+use super::resident::{ResidentLoop, StepInputs};
 use super::rng::TorchRng;
-use super::{BusyGuard, Pipeline};
+use super::step_graph;
+use super::{BusyGuard, Models, Pipeline};
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::ModelKind;
 use crate::options::Options;
+use crate::runtime::session::{download, Binding, Graph};
 use crate::scheduler::{build_scheduler, Scheduler};
 use crate::text::PromptEmbeds;
 
@@ -49,6 +54,21 @@ pub struct JobSpec {
     pub init_latents: Option<Vec<f32>>,
     /// Per-step noise for stochastic schedulers, in the order steps consume it.
     pub step_noise: Option<Vec<Vec<f32>>>,
+    /// Where the per-step math runs (option `step_math`).
+    pub step_math: StepMath,
+}
+
+/// Where guidance and the scheduler update run between UNet calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StepMath {
+    /// As a small ONNX graph beside the UNet, so the latents stay in ONNX
+    /// Runtime values (device memory under CUDA) for the whole loop. Falls
+    /// back to `Host` where the UNet is fed row by row (a fixed batch smaller
+    /// than the job's).
+    #[default]
+    Graph,
+    /// In Rust on host arrays (f64 arithmetic), the reference path.
+    Host,
 }
 
 impl Default for JobSpec {
@@ -73,6 +93,7 @@ impl Default for JobSpec {
             target_size: None,
             init_latents: None,
             step_noise: None,
+            step_math: StepMath::Graph,
         }
     }
 }
@@ -86,7 +107,8 @@ impl JobSpec {
     /// Reads the job keys of `spo_job_create`: prompt, negative_prompt, width,
     /// height, steps, guidance, guidance_rescale, scheduler, eta, seed, generator
     /// (`torch-cpu`, the default), num_images, clip_skip, init_image, strength,
-    /// original_size / target_size ("HxW"), crops_coords_top_left ("TOP,LEFT").
+    /// original_size / target_size ("HxW"), crops_coords_top_left ("TOP,LEFT"),
+    /// step_math (`graph`, the default, or `host`).
     pub fn from_options(o: &Options) -> Result<JobSpec> {
         o.check_consumer("job", "spo_job_create")?;
         let mut s = JobSpec::default();
@@ -136,6 +158,18 @@ impl JobSpec {
         if let Some(v) = o.parse("crops_coords_top_left", "TOP,LEFT", parse_pair)? {
             s.crops_coords_top_left = v;
         }
+        if let Some(v) = o.get("step_math") {
+            s.step_math = match v {
+                "graph" => StepMath::Graph,
+                "host" => StepMath::Host,
+                _ => {
+                    return Err(Error::new(
+                        ErrorCode::InvalidOptionValue,
+                        format!("option 'step_math': '{v}' is not graph or host"),
+                    ))
+                }
+            };
+        }
         Ok(s)
     }
 }
@@ -175,9 +209,110 @@ pub struct Preview {
     pub latents: Vec<f32>,
 }
 
-/// Shared so a host can read the preview from its progress callback or from
-/// another thread while the job is stepping.
-pub type PreviewSlot = Arc<Mutex<Option<Preview>>>;
+/// Where the latest x0 is: nowhere yet, a host copy (host loop), or one of the
+/// two device buffers the resident loop writes in turn.
+#[derive(Default)]
+enum PreviewSource {
+    #[default]
+    None,
+    Host(Vec<f32>),
+    Device {
+        buffers: [DynTensor; 2],
+        /// The buffer of the latest step, once there is one.
+        current: Option<usize>,
+    },
+}
+
+#[derive(Default)]
+struct PreviewState {
+    step: usize,
+    shape: [usize; 4],
+    source: PreviewSource,
+}
+
+/// The job's x0 preview, shared so a host can read it from its progress
+/// callback or from another thread while the job is stepping. Reading copies
+/// (from the device when the loop runs there); steps never copy for it.
+#[derive(Clone, Default)]
+pub struct PreviewSlot(Arc<Mutex<PreviewState>>);
+
+impl PreviewSlot {
+    /// Steps done and shape of the latest preview, without copying it.
+    pub fn info(&self) -> Option<(usize, [usize; 4])> {
+        let s = self.0.lock();
+        match s.source {
+            PreviewSource::None | PreviewSource::Device { current: None, .. } => None,
+            _ => Some((s.step, s.shape)),
+        }
+    }
+
+    /// A copy of the latest preview (`None` before the first step).
+    pub fn get(&self) -> Result<Option<Preview>> {
+        let s = self.0.lock();
+        let latents = match &s.source {
+            PreviewSource::None | PreviewSource::Device { current: None, .. } => return Ok(None),
+            PreviewSource::Host(v) => v.clone(),
+            PreviewSource::Device {
+                buffers,
+                current: Some(k),
+            } => download(&buffers[*k])?.into_iter().collect(),
+        };
+        Ok(Some(Preview {
+            step: s.step,
+            shape: s.shape,
+            latents,
+        }))
+    }
+
+    fn publish_host(&self, step: usize, shape: [usize; 4], latents: Vec<f32>) {
+        *self.0.lock() = PreviewState {
+            step,
+            shape,
+            source: PreviewSource::Host(latents),
+        };
+    }
+
+    /// Hands the resident loop's two x0 buffers to the slot.
+    pub(crate) fn install_device(&self, shape: [usize; 4], buffers: [DynTensor; 2]) {
+        *self.0.lock() = PreviewState {
+            step: 0,
+            shape,
+            source: PreviewSource::Device {
+                buffers,
+                current: None,
+            },
+        };
+    }
+
+    /// Binds buffer `k` as the step graph's `x0` output and the other one (the
+    /// previous step's x0, or `zeros` before there is one) as its `history`.
+    /// Buffer `k` is never the published one, so readers never see a write.
+    pub(crate) fn bind_x0(
+        &self,
+        binding: &mut Binding,
+        k: usize,
+        has_history: bool,
+        zeros: &DynTensor,
+    ) -> Result<()> {
+        let mut s = self.0.lock();
+        let PreviewSource::Device { buffers, .. } = &mut s.source else {
+            return Err(Error::invalid_argument(
+                "no device preview buffers installed",
+            ));
+        };
+        binding.input("history", if has_history { &buffers[1 - k] } else { zeros })?;
+        binding.output("x0", &mut buffers[k])
+    }
+
+    /// Publishes buffer `k`, just written by step `step`.
+    pub(crate) fn publish_device(&self, step: usize, k: usize) {
+        let mut s = self.0.lock();
+        if let PreviewSource::Device { current, .. } = &mut s.source {
+            *current = Some(k);
+            s.step = step;
+        }
+    }
+}
 
 /// Called after each step with (done, total); return `false` to cancel.
 pub type ProgressFn = dyn FnMut(usize, usize) -> bool + Send;
@@ -201,6 +336,8 @@ pub struct Job {
     shape: [usize; 4],
     latents: Vec<f32>,
     cond: Option<Conditioning>,
+    /// The resident loop, when the step math runs as a graph.
+    resident: Option<ResidentLoop>,
     cancel: Arc<CancelToken>,
     progress: Option<Box<ProgressFn>>,
     preview: PreviewSlot,
@@ -278,6 +415,7 @@ impl Job {
             shape,
             latents: Vec::new(),
             cond: None,
+            resident: None,
             cancel: Arc::new(CancelToken {
                 flag: AtomicBool::new(false),
                 run_options: RunOptions::new()?,
@@ -297,10 +435,16 @@ impl Job {
         self.progress = f;
     }
 
-    /// The x0 preview of the latest step (`None` before the first step). It is
+    /// The x0 preview of the latest step (empty before the first step). It is
     /// updated before the progress callback runs.
     pub fn preview_slot(&self) -> PreviewSlot {
         self.preview.clone()
+    }
+
+    /// Whether the loop runs resident (the step graph, see [`StepMath`]); known
+    /// after the first step.
+    pub fn is_resident(&self) -> bool {
+        self.resident.is_some()
     }
 
     /// Denoising steps this job runs (fewer than `steps` for img2img).
@@ -374,12 +518,45 @@ impl Job {
         }
         let mut models = inner.models.lock();
         let i = self.index;
+        let total = self.total_steps();
+        let done = i + 1 - self.start;
+        if self.resident.is_some() {
+            self.resident_step(&mut models, i, done)?;
+        } else {
+            self.host_step(&mut models.unet, i, done)?;
+        }
+        self.index += 1;
+        if let Some(p) = self.progress.as_mut() {
+            if !p(done, total) {
+                self.cancel.cancel();
+            }
+        }
+        self.check_cancel()?;
+        if self.index < self.scheduler.timesteps().len() {
+            return Ok(Status::Running { done, total });
+        }
+        if let Some(r) = &self.resident {
+            self.latents = r.latents()?;
+        }
+        let f = &inner.folder;
+        let scaled = ArrayD::from_shape_vec(IxDyn(&self.shape), self.latents.clone())
+            .expect("shape")
+            .mapv(|v| (v as f64 / f.vae_scaling_factor + f.vae_shift_factor) as f32);
+        let decoded =
+            denoise::vae_decode(&mut models.vae_decoder, scaled, &self.cancel.run_options)
+                .map_err(|e| self.cancelled_or(e))?;
+        self.images = Some(Image::from_decoded(&decoded)?);
+        Ok(Status::Done)
+    }
+
+    /// One step of the host loop: UNet output and latents through host arrays.
+    fn host_step(&mut self, unet: &mut Graph, i: usize, done: usize) -> Result<()> {
         let t = self.scheduler.timesteps()[i];
         let scaled = self.scheduler.scale_model_input(&self.latents, i)?;
         let x = ArrayD::from_shape_vec(IxDyn(&self.shape), scaled).expect("shape");
         let cond = self.cond.as_mut().expect("prepared");
         let noise_pred = denoise::predict_noise(
-            &mut models.unet,
+            unet,
             &x,
             t,
             cond,
@@ -401,32 +578,46 @@ impl Job {
             noise.as_deref(),
         )?;
         self.latents = out.prev_sample;
-        self.index += 1;
-        let total = self.total_steps();
-        let done = self.index - self.start;
-        *self.preview.lock() = Some(Preview {
-            step: done,
-            shape: self.shape,
-            latents: out.pred_original_sample,
-        });
-        if let Some(p) = self.progress.as_mut() {
-            if !p(done, total) {
-                self.cancel.cancel();
-            }
-        }
-        self.check_cancel()?;
-        if self.index < self.scheduler.timesteps().len() {
-            return Ok(Status::Running { done, total });
-        }
-        let f = &inner.folder;
-        let scaled = ArrayD::from_shape_vec(IxDyn(&self.shape), self.latents.clone())
-            .expect("shape")
-            .mapv(|v| (v as f64 / f.vae_scaling_factor + f.vae_shift_factor) as f32);
-        let decoded =
-            denoise::vae_decode(&mut models.vae_decoder, scaled, &self.cancel.run_options)
-                .map_err(|e| self.cancelled_or(e))?;
-        self.images = Some(Image::from_decoded(&decoded)?);
-        Ok(Status::Done)
+        self.preview
+            .publish_host(done, self.shape, out.pred_original_sample);
+        Ok(())
+    }
+
+    /// One step of the resident loop (see [`ResidentLoop`]).
+    fn resident_step(&mut self, models: &mut Models, i: usize, done: usize) -> Result<()> {
+        let step = self.scheduler.linear_step(i)?;
+        let n = self.scheduler.timesteps().len();
+        let next_input_scale = if i + 1 < n {
+            self.scheduler.input_scale(i + 1)?
+        } else {
+            1.0
+        };
+        let noise = if self.scheduler.needs_noise(i) {
+            Some(self.step_noise(i)?)
+        } else {
+            None
+        };
+        let inputs = StepInputs {
+            timestep: self.scheduler.timesteps()[i],
+            step: &step,
+            next_input_scale,
+            noise,
+            done,
+        };
+        let r = self.resident.as_mut().expect("resident");
+        let graph = models
+            .step_graphs
+            .get_mut(&r.kind())
+            .expect("built in prepare");
+        let res = r.step(
+            &mut models.unet,
+            graph,
+            self.cond.as_mut().expect("prepared"),
+            inputs,
+            &self.preview,
+            &self.cancel.run_options,
+        );
+        res.map_err(|e| self.cancelled_or(e))
     }
 
     fn cancelled_or(&self, e: Error) -> Error {
@@ -549,6 +740,45 @@ impl Job {
                 )?
             }
         };
+        if spec.step_math == StepMath::Graph {
+            self.start_resident()?;
+        }
+        Ok(())
+    }
+
+    /// Moves the latents into a [`ResidentLoop`] where the UNet takes the
+    /// whole batch in one bound call; otherwise the host loop runs.
+    fn start_resident(&mut self) -> Result<()> {
+        let inner = &self.pipeline.inner;
+        let cond = self.cond.as_ref().expect("prepared");
+        if cond.binding.is_none() {
+            return Ok(());
+        }
+        let mut models = inner.models.lock();
+        let Some(kind) =
+            ResidentLoop::kind_for(&models.unet, cond.cfg, self.spec.guidance_rescale > 0.0)?
+        else {
+            return Ok(());
+        };
+        let models = &mut *models;
+        if let Entry::Vacant(e) = models.step_graphs.entry(kind) {
+            e.insert(Graph::load_internal(
+                &inner.runtime,
+                "step_graph",
+                &step_graph::build(kind),
+            )?);
+        }
+        self.resident = Some(ResidentLoop::new(
+            &models.unet,
+            &models.step_graphs[&kind],
+            kind,
+            self.shape,
+            &self.latents,
+            self.scheduler.input_scale(self.start)?,
+            self.spec.guidance,
+            self.spec.guidance_rescale,
+            &self.preview,
+        )?);
         Ok(())
     }
 }

@@ -5,7 +5,9 @@ pub mod denoise;
 pub mod image;
 pub mod job;
 pub mod lora;
+pub mod resident;
 pub mod rng;
+pub mod step_graph;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 pub use self::image::Image;
-pub use self::job::{Job, JobSpec, Preview, PreviewSlot, Status};
+pub use self::job::{Job, JobSpec, Preview, PreviewSlot, Status, StepMath};
 pub use self::lora::{Lora, LoraMode};
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::{upcast, ModelFolder, ModelKind, OnnxGraph};
@@ -30,6 +32,8 @@ pub(crate) struct Models {
     pub unet: Graph,
     pub vae_decoder: Graph,
     pub vae_encoder: Option<Graph>,
+    /// Step graphs built so far ([`step_graph`]), one per kind.
+    pub step_graphs: std::collections::HashMap<step_graph::StepGraphKind, Graph>,
 }
 
 impl Models {
@@ -264,6 +268,7 @@ impl Pipeline {
                     unet,
                     vae_decoder,
                     vae_encoder,
+                    step_graphs: Default::default(),
                 }),
                 folder,
                 busy: AtomicBool::new(false),

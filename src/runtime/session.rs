@@ -8,15 +8,17 @@ use std::path::{Path, PathBuf};
 
 use half::f16;
 use ndarray::{ArrayD, IxDyn};
-use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, RunOptions, Session, SessionInputValue};
-use ort::value::{DynTensor, DynValue, Tensor, TensorElementType, ValueType};
+use ort::value::{
+    DynTensor, DynValue, Tensor, TensorElementType, TensorValueTypeMarker, Value, ValueType,
+};
 
 use super::Runtime;
 use crate::error::{Error, ErrorCode, Result};
 
 /// Element types the pipeline exchanges with graphs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     F16,
@@ -33,6 +35,14 @@ impl DType {
             TensorElementType::Int32 => DType::I32,
             _ => return None,
         })
+    }
+    fn to_ort(self) -> TensorElementType {
+        match self {
+            DType::F32 => TensorElementType::Float32,
+            DType::F16 => TensorElementType::Float16,
+            DType::I64 => TensorElementType::Int64,
+            DType::I32 => TensorElementType::Int32,
+        }
     }
     pub fn name(self) -> &'static str {
         match self {
@@ -144,7 +154,7 @@ impl Graph {
                 path.display()
             )));
         }
-        Self::build(rt, component, path, None, initializers)
+        Self::build(rt, component, path, None, initializers, true)
     }
 
     /// A session from an in-memory `.onnx` (a rewritten graph, see
@@ -155,7 +165,14 @@ impl Graph {
         path: &Path,
         bytes: &[u8],
     ) -> Result<Graph> {
-        Self::build(rt, component, path, Some(bytes), Vec::new())
+        Self::build(rt, component, path, Some(bytes), Vec::new(), true)
+    }
+
+    /// A session for a graph the runtime builds for its own math (the step
+    /// graph). It is not counted in `sessions.built`, which counts model sessions.
+    pub fn load_internal(rt: &Runtime, component: &str, bytes: &[u8]) -> Result<Graph> {
+        let path = PathBuf::from(format!("<{component}>"));
+        Self::build(rt, component, &path, Some(bytes), Vec::new(), false)
     }
 
     fn build(
@@ -164,6 +181,7 @@ impl Graph {
         path: &Path,
         bytes: Option<&[u8]>,
         initializers: Vec<(String, DynValue)>,
+        count: bool,
     ) -> Result<Graph> {
         let mut builder = rt.session_builder()?;
         for (name, value) in initializers {
@@ -174,7 +192,9 @@ impl Graph {
                 )
             })?;
         }
-        rt.note_session_built();
+        if count {
+            rt.note_session_built();
+        }
         let session = match bytes {
             Some(b) => builder.commit_from_memory(b),
             None => builder.commit_from_file(path),
@@ -327,6 +347,71 @@ impl Graph {
         to_f32(v).map_err(|e| e.context(format!("{component} output '{}'", binding.output)))
     }
 
+    /// Where this graph's tensors live: the CUDA device when CUDA is the first
+    /// provider, else host memory.
+    fn device_memory(&self) -> Result<MemoryInfo<'static>> {
+        Ok(match self.cuda_device {
+            Some(id) => MemoryInfo::new(
+                AllocationDevice::CUDA,
+                id,
+                AllocatorType::Device,
+                MemoryType::Default,
+            )?,
+            None => MemoryInfo::new(
+                AllocationDevice::CPU,
+                0,
+                AllocatorType::Device,
+                MemoryType::Default,
+            )?,
+        })
+    }
+
+    /// An uninitialised tensor in this graph's device memory, to bind as an
+    /// output with [`Graph::run_values`].
+    pub fn alloc(&self, dtype: DType, shape: &[usize]) -> Result<DynTensor> {
+        let allocator = Allocator::new(&self.session, self.device_memory()?)?;
+        Ok(DynTensor::new(&allocator, dtype.to_ort(), shape.to_vec())?)
+    }
+
+    /// `input` converted to the dtype of the graph's input `name` and placed in
+    /// device memory (one host-to-device copy under CUDA).
+    pub fn upload(&self, name: &str, input: Input) -> Result<DynTensor> {
+        let (_, value) = self.input_value(name, input)?;
+        Ok(match self.cuda_device {
+            Some(id) => value.to(AllocationDevice::CUDA, id)?,
+            None => value,
+        })
+    }
+
+    /// One run of `binding` (inputs and output buffers bound with
+    /// [`Binding::input`] and [`Binding::output`]), plus `host` inputs
+    /// converted and bound now. Results land in the bound output buffers.
+    pub fn run_values(
+        &mut self,
+        binding: &mut Binding,
+        host: Vec<(&str, Input)>,
+        options: Option<&RunOptions>,
+    ) -> Result<()> {
+        for (name, input) in host {
+            let (name, value) = self.input_value(name, input)?;
+            binding.io.bind_input(name, &value)?;
+        }
+        let component = self.component.clone();
+        let result = match options {
+            Some(o) => self.session.run_binding_with_options(&binding.io, o),
+            None => self.session.run_binding(&binding.io),
+        };
+        result.map(drop).map_err(|e| run_error(&component, e))
+    }
+
+    /// An empty binding, for graphs whose inputs all change per run.
+    pub fn binding(&self) -> Result<Binding> {
+        Ok(Binding {
+            io: self.session.create_binding()?,
+            output: String::new(),
+        })
+    }
+
     /// `input` as an ONNX Runtime value of the graph's dtype for `name`,
     /// after checking its shape against the graph's fixed dimensions.
     fn input_value(&self, name: &str, input: Input) -> Result<(String, DynTensor)> {
@@ -373,6 +458,25 @@ pub struct Binding {
     output: String,
 }
 
+impl Binding {
+    /// Binds a device (or host) tensor as input `name`, by reference: the
+    /// session reads its contents at each run, with no copy when the tensor
+    /// is already where the session runs.
+    pub fn input(&mut self, name: &str, value: &DynTensor) -> Result<()> {
+        Ok(self.io.bind_input(name, value)?)
+    }
+
+    /// Makes runs write output `name` into `value` (from [`Graph::alloc`]).
+    pub fn output(&mut self, name: &str, value: &mut DynTensor) -> Result<()> {
+        Ok(self.io.bind_output(name, value)?)
+    }
+
+    /// The output named when the binding was made by [`Graph::bind`].
+    pub fn output_name(&self) -> &str {
+        &self.output
+    }
+}
+
 /// A terminated run (cancellation) is `Cancelled`; anything else is `Ort`.
 fn run_error(component: &str, e: ort::Error) -> Error {
     let msg = e.to_string();
@@ -383,7 +487,16 @@ fn run_error(component: &str, e: ort::Error) -> Error {
     }
 }
 
-fn to_f32(v: &DynValue) -> Result<ArrayD<f32>> {
+/// A tensor (host or device) copied back to a host f32 array.
+pub fn download(v: &DynTensor) -> Result<ArrayD<f32>> {
+    if v.memory_info().is_cpu_accessible() {
+        return to_f32(v);
+    }
+    let host = v.to(AllocationDevice::CPU, 0)?;
+    to_f32(&host)
+}
+
+fn to_f32<T: TensorValueTypeMarker + ?Sized>(v: &Value<T>) -> Result<ArrayD<f32>> {
     if let Ok(a) = v.try_extract_array::<f32>() {
         return Ok(a.to_owned());
     }

@@ -106,6 +106,10 @@ static void test_info_and_options(void) {
   expect_ok(spo_options_set(o, "width", "65"), "set width");
   expect_error(spo_job_create(g_pipe, o, &j), SPO_ERR_INVALID_OPTION_VALUE, "65", "width not a multiple");
   spo_options_free(o);
+  o = job_options("2");
+  expect_ok(spo_options_set(o, "step_math", "gpu"), "set step_math");
+  expect_error(spo_job_create(g_pipe, o, &j), SPO_ERR_INVALID_OPTION_VALUE, "'step_math'", "bad step_math");
+  spo_options_free(o);
   CHECK(j == NULL);
 }
 
@@ -170,7 +174,9 @@ static void test_generate_stepwise_and_busy(void) {
   CHECK(spo_images_count(im) == 1);
   spo_images_free(im);
   spo_job_free(a);
-  /* The slot is free again: a full run works, with previews read from the callback. */
+  /* The slot is free again: a full run works, with previews read from the
+     callback; this one steps on the host (job a ran the resident step graph). */
+  expect_ok(spo_options_set(o, "step_math", "host"), "set step_math");
   if (expect_ok(spo_job_create(g_pipe, o, &b), "job b")) {
     preview_ctx pc = {b, 0};
     expect_ok(spo_job_set_progress_callback(b, preview_from_callback, &pc), "set progress");

@@ -156,7 +156,13 @@ pub fn run_case(
 /// Every pipeline case of the goldens `goldens/<model>` (index.json "cases"):
 /// final latents within LATENT_TOL and the decoded image within IMAGE_TOL.
 /// `label` names the model under test in messages.
-pub fn check_golden_cases(label: &str, model: &str, p: &spo_runtime::pipeline::Pipeline) {
+/// `step_math` picks the loop (the resident step graph or the host reference).
+pub fn check_golden_cases(
+    label: &str,
+    model: &str,
+    p: &spo_runtime::pipeline::Pipeline,
+    step_math: spo_runtime::pipeline::StepMath,
+) {
     use spo_runtime::pipeline::Image;
 
     let dir = fixture(&format!("goldens/{model}"));
@@ -165,13 +171,22 @@ pub fn check_golden_cases(label: &str, model: &str, p: &spo_runtime::pipeline::P
     let mut worst = (0.0f32, 0u8);
     for c in index["cases"].as_array().unwrap() {
         let name = c["name"].as_str().unwrap();
-        let mut job = p.job(spec_for(&dir, c)).unwrap();
+        let spec = JobSpec {
+            step_math,
+            ..spec_for(&dir, c)
+        };
+        let mut job = p.job(spec).unwrap();
         // The x0 preview is in place, for the step just done, when progress runs.
         let slot = job.preview_slot();
         job.set_progress(Some(Box::new(move |done, _| {
-            slot.lock().as_ref().is_some_and(|p| p.step == done)
+            slot.info().is_some_and(|(step, _)| step == done)
         })));
         job.run().unwrap_or_else(|e| panic!("{label} {name}: {e}"));
+        assert_eq!(
+            job.is_resident(),
+            step_math == spo_runtime::pipeline::StepMath::Graph,
+            "{label} {name}: the loop that ran"
+        );
         let got = job.latents().unwrap();
         let want = read_npy(&dir.join(c["latents"].as_str().unwrap()));
         assert_eq!(got.shape(), want.shape(), "{label} {name} latent shape");
@@ -180,7 +195,7 @@ pub fn check_golden_cases(label: &str, model: &str, p: &spo_runtime::pipeline::P
         // Every scheduler here but DDIM (whose final alpha is alphas_cumprod[0]
         // with set_alpha_to_one=false) ends at noise level 0, where the last
         // step's x0 is the final sample: diffusers' latents check the preview.
-        let preview = job.preview_slot().lock().clone().unwrap();
+        let preview = job.preview_slot().get().unwrap().unwrap();
         assert_eq!(preview.step, job.total_steps(), "{name} preview step");
         assert_eq!(&preview.shape[..], want.shape(), "{name} preview shape");
         if c["scheduler"] != "ddim" {
@@ -226,7 +241,7 @@ pub fn check_golden_cases(label: &str, model: &str, p: &spo_runtime::pipeline::P
         }
     }
     eprintln!(
-        "{label}: {} cases, worst relative latent diff {:.2e}, worst pixel diff {}",
+        "{label} ({step_math:?} step math): {} cases, worst relative latent diff {:.2e}, worst pixel diff {}",
         index["cases"].as_array().unwrap().len(),
         worst.0,
         worst.1
