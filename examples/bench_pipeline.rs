@@ -35,6 +35,7 @@ use spo_runtime::pipeline::{JobSpec, Pipeline, Status, StepMath};
 use spo_runtime::runtime::session::{DType, Graph, Input};
 use spo_runtime::runtime::{LogLevel, Logger};
 use spo_runtime::scheduler::{build_scheduler, Scheduler, SchedulerConfig};
+use spo_runtime::text::LongPrompt;
 use spo_runtime::{Error, Options, Result, Runtime};
 
 const GUIDANCE: f64 = 5.0;
@@ -190,7 +191,7 @@ impl BareLoop {
             vec![ts.fixed_dim(0).unwrap_or(rows)]
         };
         let ts_int = matches!(ts.dtype, DType::I64 | DType::I32);
-        let (pos, neg) = pipeline.encode_prompts(PROMPT, None, true, 0)?;
+        let (pos, neg) = pipeline.encode_prompts(PROMPT, None, true, 0, LongPrompt::Truncate)?;
         let neg = neg.expect("cfg");
         let (text_embeds, time_ids) = match (&pos.pooled, &neg.pooled) {
             (Some(p), Some(n)) => {

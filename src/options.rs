@@ -41,6 +41,7 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
     ("crops_coords_top_left", "job"),
     ("target_size", "job"),
     ("step_math", "job"),
+    ("long_prompt", "job"),
 ];
 
 /// An ordered key/value bag. Values are kept as strings and parsed by the

@@ -14,7 +14,7 @@ mod common;
 use common::*;
 use spo_runtime::pipeline::rng::TorchRng;
 use spo_runtime::pipeline::{Pipeline, StepMath};
-use spo_runtime::text::ClipTokenizer;
+use spo_runtime::text::{ClipTokenizer, LongPrompt};
 use spo_runtime::Options;
 
 // LATENT_TOL and IMAGE_TOL are in common (shared with the LoRA and
@@ -64,7 +64,9 @@ fn embeddings(model: &str, p: &Pipeline, index: &serde_json::Value) {
     for e in index["embeddings"].as_array().unwrap() {
         let prompt = e["prompt"].as_str().unwrap();
         let neg = e["negative_prompt"].as_str();
-        let (pos, negv) = p.encode_prompts(prompt, neg, true, 0).unwrap();
+        let (pos, negv) = p
+            .encode_prompts(prompt, neg, true, 0, LongPrompt::Truncate)
+            .unwrap();
         let negv = negv.unwrap();
         let check = |name: &str, got: &ndarray::ArrayD<f32>| {
             let want = read_npy(&dir.join(e[name].as_str().unwrap()));

@@ -259,6 +259,76 @@ def encode(pipe, prompt, negative):
         return pe, ne, None, None
 
 
+LONG_PROMPT = (
+    "a highly detailed oil painting of a red fox standing in deep fresh snow at dawn, soft golden light "
+    "falling through tall pine trees, frost on the fur, breath visible in the cold air, distant mountains "
+    "under a pale pink sky, crows circling above a frozen river, an old wooden cabin with smoke rising from "
+    "its chimney, footprints leading into the forest, dramatic composition, masterpiece, trending on artstation"
+)
+
+
+def chunk_ids(tok, text):
+    """The A1111-style long-prompt ids (our reference for `long_prompt=chunks`):
+    the untruncated token stream cut into 75-token chunks, each wrapped in
+    BOS/EOS and padded with the tokenizer's pad token to 77."""
+    ids = tok(text, truncation=False, add_special_tokens=False).input_ids
+    chunks = [ids[i : i + 75] for i in range(0, len(ids), 75)] or [[]]
+    out = []
+    for c in chunks:
+        seq = [tok.bos_token_id] + c + [tok.eos_token_id]
+        out.append(seq + [tok.pad_token_id] * (77 - len(seq)))
+    return out
+
+
+def chunked_embeds(pipe, text, n_chunks=None):
+    """Encodes each chunk as diffusers encodes one 77-token window (SD 1.5:
+    last hidden state; SDXL: penultimate hidden states of both encoders and
+    the projected pooled output of encoder 2), concatenates the chunks on the
+    sequence axis and, to reach `n_chunks`, appends the empty prompt's chunk
+    (A1111 pads the shorter of prompt and negative that way). SDXL's pooled
+    output is the first chunk's. Returns (embeds, pooled or None)."""
+    sdxl = hasattr(pipe, "text_encoder_2")
+    ids1 = chunk_ids(pipe.tokenizer, text)
+    ids2 = chunk_ids(pipe.tokenizer_2, text) if sdxl else None
+    if n_chunks is not None:
+        empty1 = chunk_ids(pipe.tokenizer, "")[0]
+        ids1 += [empty1] * (n_chunks - len(ids1))
+        if sdxl:
+            empty2 = chunk_ids(pipe.tokenizer_2, "")[0]
+            ids2 += [empty2] * (n_chunks - len(ids2))
+    parts, pooled = [], None
+    with torch.no_grad():
+        for k, a in enumerate(ids1):
+            a = torch.tensor([a])
+            if not sdxl:
+                parts.append(pipe.text_encoder(a)[0])
+                continue
+            h1 = pipe.text_encoder(a, output_hidden_states=True).hidden_states[-2]
+            o2 = pipe.text_encoder_2(torch.tensor([ids2[k]]), output_hidden_states=True)
+            parts.append(torch.cat([h1, o2.hidden_states[-2]], dim=-1))
+            if k == 0:
+                pooled = o2[0]
+    return torch.cat(parts, dim=1), pooled
+
+
+def chunked_prompt_kwargs(pipe, prompt, negative):
+    """The pipeline kwargs for a `long_prompt=chunks` case: precomputed
+    embeddings in place of the prompt strings (negative None: SDXL zeros via
+    force_zeros_for_empty_prompt, SD 1.5 the empty prompt)."""
+    sdxl = hasattr(pipe, "text_encoder_2")
+    n = max(len(chunk_ids(pipe.tokenizer, prompt)), len(chunk_ids(pipe.tokenizer, negative or "")))
+    pe, pp = chunked_embeds(pipe, prompt, n)
+    kw = dict(prompt_embeds=pe)
+    if negative is None and sdxl and pipe.config.force_zeros_for_empty_prompt:
+        ne, npp = torch.zeros_like(pe), torch.zeros_like(pp)
+    else:
+        ne, npp = chunked_embeds(pipe, negative or "", n)
+    kw["negative_prompt_embeds"] = ne
+    if sdxl:
+        kw.update(pooled_prompt_embeds=pp, negative_pooled_prompt_embeds=npp)
+    return kw
+
+
 def embedding_entries(pipe, w):
     out = []
     for i, (p, n) in enumerate(EMBED_PROMPTS):
@@ -302,6 +372,10 @@ def case_list(model):
     cases.append(dict(name="dpmpp_2m_karras_6steps_cfg7", prompt="an astronaut riding a horse", negative_prompt="lowres", width=64, height=64, steps=6, guidance=7.0, scheduler="dpmpp_2m_karras", eta=0.0, seed=204))
     cases.append(dict(name="euler_a_2images_cfg5_neg", prompt="a photo of a cat", negative_prompt="blurry", width=64, height=64, steps=4, guidance=5.0, scheduler="euler_a", eta=0.0, seed=206, num_images=2))
     cases.append(dict(name="euler_clipskip1_cfg5_neg", prompt="a photo of a cat", negative_prompt="blurry", width=64, height=64, steps=4, guidance=5.0, scheduler="euler", eta=0.0, seed=207, clip_skip=1))
+    # long prompts: diffusers truncation (the default) and A1111-style chunks (option long_prompt=chunks)
+    cases.append(dict(name="euler_longprompt_cfg5_neg", prompt=LONG_PROMPT, negative_prompt="blurry", width=64, height=64, steps=4, guidance=5.0, scheduler="euler", eta=0.0, seed=208))
+    cases.append(dict(name="euler_longprompt_chunks_cfg5_neg", prompt=LONG_PROMPT, negative_prompt="blurry", width=64, height=64, steps=4, guidance=5.0, scheduler="euler", eta=0.0, seed=209, long_prompt="chunks"))
+    cases.append(dict(name="dpmpp_2m_longprompt_chunks_cfg5", prompt=LONG_PROMPT, negative_prompt=None, width=64, height=64, steps=4, guidance=5.0, scheduler="dpmpp_2m", eta=0.0, seed=210, long_prompt="chunks"))
     cases.append(dict(name="euler_cfg5_rescale07", prompt="a photo of a cat", negative_prompt="blurry", width=64, height=64, steps=5, guidance=5.0, guidance_rescale=0.7, scheduler="euler", eta=0.0, seed=205))
     for s, sd in (("euler", 301), ("ddim", 302), ("dpmpp_2m", 303), ("euler_a", 304)):
         cases.append(dict(name=f"img2img_{s}_s06_cfg5_neg", prompt="a red square on a gradient", negative_prompt="blurry", width=64, height=64, steps=5, guidance=5.0, scheduler=s, eta=0.0, seed=sd, img2img=True, strength=0.6))
@@ -325,9 +399,11 @@ def run_case(pipe, c, w, init_png, prefix=""):
     img2img = c.get("img2img", False)
     p = img2img_pipe(pipe) if img2img else pipe
     p.scheduler = sched
-    kw = dict(
-        prompt=c["prompt"],
-        negative_prompt=c["negative_prompt"],
+    if c.get("long_prompt") == "chunks":
+        kw = chunked_prompt_kwargs(pipe, c["prompt"], c["negative_prompt"])
+    else:
+        kw = dict(prompt=c["prompt"], negative_prompt=c["negative_prompt"])
+    kw.update(
         num_inference_steps=c["steps"],
         guidance_scale=c["guidance"],
         guidance_rescale=c.get("guidance_rescale", 0.0),

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use ndarray::ArrayD;
 use spo_runtime::lora::ModelGraphs;
-use spo_runtime::pipeline::{JobSpec, Lora, LoraMode, Pipeline};
+use spo_runtime::pipeline::{JobSpec, Lora, LoraMode, Pipeline, StepMath};
 use spo_runtime::runtime::{LogLevel, Logger};
+use spo_runtime::text::LongPrompt;
 use spo_runtime::{Error, Options, Result, Runtime};
 
 #[derive(Parser)]
@@ -100,6 +101,16 @@ struct Generate {
     height: Option<usize>,
     #[arg(long, default_value_t = 1)]
     num_images: usize,
+    /// Skip this many final CLIP layers (diffusers' clip_skip).
+    #[arg(long, default_value_t = 0)]
+    clip_skip: usize,
+    /// Prompts over 75 tokens: truncate (diffusers) or chunks (A1111-style windows).
+    #[arg(long, default_value = "truncate")]
+    long_prompt: String,
+    /// Where guidance and the scheduler update run: graph (beside the UNet,
+    /// latents stay on its device) or host.
+    #[arg(long, default_value = "graph")]
+    step_math: String,
     #[arg(long)]
     init_image: Option<PathBuf>,
     #[arg(long, default_value_t = 0.6)]
@@ -180,6 +191,16 @@ fn generate(g: Generate) -> Result<()> {
         eta: g.eta,
         seed: g.seed,
         num_images: g.num_images,
+        clip_skip: g.clip_skip,
+        long_prompt: LongPrompt::parse(&g.long_prompt).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "--long-prompt '{}': use truncate or chunks",
+                g.long_prompt
+            ))
+        })?,
+        step_math: StepMath::parse(&g.step_math).ok_or_else(|| {
+            Error::invalid_argument(format!("--step-math '{}': use graph or host", g.step_math))
+        })?,
         init_image: g.init_image,
         strength: g.strength,
         ..JobSpec::default()

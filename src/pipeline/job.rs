@@ -24,7 +24,7 @@ use crate::model::ModelKind;
 use crate::options::Options;
 use crate::runtime::session::{download, Binding, Graph};
 use crate::scheduler::{build_scheduler, Scheduler};
-use crate::text::PromptEmbeds;
+use crate::text::{LongPrompt, PromptEmbeds};
 
 /// Settings of one job. Built from options (`JobSpec::from_options`) or directly.
 #[derive(Debug, Clone)]
@@ -56,6 +56,9 @@ pub struct JobSpec {
     pub step_noise: Option<Vec<Vec<f32>>>,
     /// Where the per-step math runs (option `step_math`).
     pub step_math: StepMath,
+    /// Prompts longer than one 77-token window: truncated (diffusers, the
+    /// default) or encoded in windows (option `long_prompt=chunks`).
+    pub long_prompt: LongPrompt,
 }
 
 /// Where guidance and the scheduler update run between UNet calls.
@@ -69,6 +72,17 @@ pub enum StepMath {
     Graph,
     /// In Rust on host arrays (f64 arithmetic), the reference path.
     Host,
+}
+
+impl StepMath {
+    /// `graph` or `host`.
+    pub fn parse(s: &str) -> Option<StepMath> {
+        match s {
+            "graph" => Some(StepMath::Graph),
+            "host" => Some(StepMath::Host),
+            _ => None,
+        }
+    }
 }
 
 impl Default for JobSpec {
@@ -94,6 +108,7 @@ impl Default for JobSpec {
             init_latents: None,
             step_noise: None,
             step_math: StepMath::Graph,
+            long_prompt: LongPrompt::Truncate,
         }
     }
 }
@@ -108,7 +123,8 @@ impl JobSpec {
     /// height, steps, guidance, guidance_rescale, scheduler, eta, seed, generator
     /// (`torch-cpu`, the default), num_images, clip_skip, init_image, strength,
     /// original_size / target_size ("HxW"), crops_coords_top_left ("TOP,LEFT"),
-    /// step_math (`graph`, the default, or `host`).
+    /// step_math (`graph`, the default, or `host`), long_prompt (`truncate`, the
+    /// default, or `chunks`).
     pub fn from_options(o: &Options) -> Result<JobSpec> {
         o.check_consumer("job", "spo_job_create")?;
         let mut s = JobSpec::default();
@@ -158,17 +174,11 @@ impl JobSpec {
         if let Some(v) = o.parse("crops_coords_top_left", "TOP,LEFT", parse_pair)? {
             s.crops_coords_top_left = v;
         }
-        if let Some(v) = o.get("step_math") {
-            s.step_math = match v {
-                "graph" => StepMath::Graph,
-                "host" => StepMath::Host,
-                _ => {
-                    return Err(Error::new(
-                        ErrorCode::InvalidOptionValue,
-                        format!("option 'step_math': '{v}' is not graph or host"),
-                    ))
-                }
-            };
+        if let Some(v) = o.parse("long_prompt", "truncate or chunks", LongPrompt::parse)? {
+            s.long_prompt = v;
+        }
+        if let Some(v) = o.parse("step_math", "graph or host", StepMath::parse)? {
+            s.step_math = v;
         }
         Ok(s)
     }
@@ -662,6 +672,7 @@ impl Job {
             spec.negative_prompt.as_deref(),
             cfg,
             spec.clip_skip,
+            spec.long_prompt,
         )?;
         let batch = |f: &dyn Fn(&PromptEmbeds) -> ArrayD<f32>| -> Result<ArrayD<f32>> {
             let p = repeat_batch(&f(&pos), b);

@@ -24,7 +24,7 @@ use crate::options::Options;
 use crate::runtime::session::Graph;
 use crate::runtime::Runtime;
 use crate::scheduler::SchedulerConfig;
-use crate::text::{ClipTokenizer, PromptEmbeds, TextEncoder, TextEncoders};
+use crate::text::{ClipTokenizer, LongPrompt, PromptEmbeds, TextEncoder, TextEncoders};
 
 /// The graphs of a pipeline; locked by the job that runs.
 pub(crate) struct Models {
@@ -317,16 +317,26 @@ impl Pipeline {
         negative: Option<&str>,
         cfg: bool,
         clip_skip: usize,
+        long: LongPrompt,
     ) -> Result<(PromptEmbeds, Option<PromptEmbeds>)> {
         let mut models = self.inner.models.lock();
-        let pos = models.text.encode(prompt, clip_skip)?;
+        let text = &mut models.text;
+        // A prompt and its negative get the same number of windows (they
+        // are rows of one UNet batch).
+        let windows = if cfg {
+            text.windows(prompt, long)
+                .max(text.windows(negative.unwrap_or(""), long))
+        } else {
+            1
+        };
+        let pos = text.encode(prompt, clip_skip, long, windows)?;
         if !cfg {
             return Ok((pos, None));
         }
         let f = &self.inner.folder;
         let neg = match negative {
             None if f.kind == ModelKind::Sdxl && f.force_zeros_for_empty_prompt => pos.zeros_like(),
-            neg => models.text.encode(neg.unwrap_or(""), 0)?,
+            neg => text.encode(neg.unwrap_or(""), 0, long, windows)?,
         };
         Ok((pos, Some(neg)))
     }

@@ -6,16 +6,22 @@
 //! - SD 1.5: `last_hidden_state` of the one encoder; with `clip_skip`,
 //!   `hidden_states[-(clip_skip + 1)]` through the encoder's final layer norm,
 //!   whose weights are read from the graph.
+//!
+//! Long prompts follow [`LongPrompt`]: truncated to one 77-token window like
+//! diffusers, or cut into 77-token windows (A1111 style) that are encoded one
+//! by one and concatenated on the sequence axis, with SDXL's pooled output
+//! taken from the first window. A prompt and its negative are padded to the
+//! same number of windows with the empty prompt's window, as A1111 does.
 
 use ndarray::{concatenate, ArrayD, Axis, IxDyn};
 
-use super::tokenizer::{ClipTokenizer, MAX_LEN};
+use super::tokenizer::{ClipTokenizer, LongPrompt, MAX_LEN};
 use crate::error::{Error, Result};
 use crate::model::graph::LayerNorm;
 use crate::model::{ModelKind, OnnxGraph};
 use crate::runtime::session::{Graph, Input};
 
-/// Embeddings for one prompt: `embeds` [1, 77, D]; `pooled` [1, P] for SDXL.
+/// Embeddings for one prompt: `embeds` [1, 77 * windows, D]; `pooled` [1, P] for SDXL.
 #[derive(Debug, Clone)]
 pub struct PromptEmbeds {
     pub embeds: ArrayD<f32>,
@@ -59,20 +65,27 @@ impl TextEncoder {
         })
     }
 
-    fn ids(&self, prompt: &str) -> Input {
-        let ids = self.tokenizer.encode_padded(prompt, MAX_LEN);
-        Input::I64(ArrayD::from_shape_vec(IxDyn(&[1, MAX_LEN]), ids).expect("77 ids"))
+    /// The 77-token windows of `prompt`, padded to at least `min_windows`
+    /// with the empty prompt's window.
+    fn windows(&self, prompt: &str, long: LongPrompt, min_windows: usize) -> Vec<Vec<i64>> {
+        let mut w = self.tokenizer.encode_with(prompt, long);
+        while w.len() < min_windows {
+            w.push(self.tokenizer.encode_padded("", MAX_LEN));
+        }
+        w
     }
 
-    /// Runs the encoder and returns the requested outputs.
-    fn run(&mut self, prompt: &str, outputs: &[&str]) -> Result<Vec<ArrayD<f32>>> {
-        let ids = self.ids(prompt);
+    /// Runs the encoder on one window of ids and returns the requested outputs.
+    fn run(&mut self, ids: &[i64], outputs: &[&str]) -> Result<Vec<ArrayD<f32>>> {
+        let ids = Input::I64(
+            ArrayD::from_shape_vec(IxDyn(&[1, ids.len()]), ids.to_vec()).expect("one window"),
+        );
         self.graph.run(vec![("input_ids", ids)], outputs, None)
     }
 
     /// SD 1.5 with clip_skip, as diffusers: `hidden_states[-(skip + 1)]`
     /// through the final layer norm (the one applied to the last hidden state).
-    fn skipped_and_normed(&mut self, prompt: &str, clip_skip: usize) -> Result<ArrayD<f32>> {
+    fn skipped_and_normed(&mut self, ids: &[i64], clip_skip: usize) -> Result<ArrayD<f32>> {
         let name = self.penultimate_name(clip_skip - 1)?;
         if self.final_norm.is_none() {
             let last = format!("hidden_states.{}", self.layers);
@@ -87,7 +100,7 @@ impl TextEncoder {
             })?;
             self.final_norm = Some(norm);
         }
-        let mut h = self.run(prompt, &[&name])?.remove(0);
+        let mut h = self.run(ids, &[&name])?.remove(0);
         let norm = self.final_norm.as_ref().expect("set above");
         if h.shape().last() != Some(&norm.scale.len()) {
             return Err(Error::invalid_model(format!(
@@ -128,13 +141,51 @@ pub struct TextEncoders {
 }
 
 impl TextEncoders {
-    pub fn encode(&mut self, prompt: &str, clip_skip: usize) -> Result<PromptEmbeds> {
+    /// How many 77-token windows `prompt` takes in mode `long`.
+    pub fn windows(&self, prompt: &str, long: LongPrompt) -> usize {
+        self.te1.tokenizer.encode_with(prompt, long).len()
+    }
+
+    /// Encodes `prompt` in mode `long`, padded to at least `min_windows` windows.
+    pub fn encode(
+        &mut self,
+        prompt: &str,
+        clip_skip: usize,
+        long: LongPrompt,
+        min_windows: usize,
+    ) -> Result<PromptEmbeds> {
+        let ids1 = self.te1.windows(prompt, long, min_windows);
+        let ids2 = self
+            .te2
+            .as_ref()
+            .map(|t| t.windows(prompt, long, min_windows));
+        let mut parts = Vec::with_capacity(ids1.len());
+        let mut pooled = None;
+        for (k, a) in ids1.iter().enumerate() {
+            let b = ids2.as_ref().map(|w| w[k].as_slice());
+            let e = self.encode_window(a, b, clip_skip)?;
+            pooled = pooled.or(e.pooled);
+            parts.push(e.embeds);
+        }
+        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+        let embeds = concatenate(Axis(1), &views)
+            .map_err(|e| Error::invalid_model(format!("prompt windows do not concatenate: {e}")))?;
+        Ok(PromptEmbeds { embeds, pooled })
+    }
+
+    /// One window: `ids1` for encoder 1 and, for SDXL, `ids2` for encoder 2.
+    fn encode_window(
+        &mut self,
+        ids1: &[i64],
+        ids2: Option<&[i64]>,
+        clip_skip: usize,
+    ) -> Result<PromptEmbeds> {
         match self.kind {
             ModelKind::Sd15 => {
                 let embeds = if clip_skip == 0 {
-                    self.te1.run(prompt, &["last_hidden_state"])?.remove(0)
+                    self.te1.run(ids1, &["last_hidden_state"])?.remove(0)
                 } else {
-                    self.te1.skipped_and_normed(prompt, clip_skip)?
+                    self.te1.skipped_and_normed(ids1, clip_skip)?
                 };
                 Ok(PromptEmbeds {
                     embeds,
@@ -142,15 +193,16 @@ impl TextEncoders {
                 })
             }
             ModelKind::Sdxl => {
-                let te2 = self
+                let (te2, ids2) = self
                     .te2
                     .as_mut()
+                    .zip(ids2)
                     .ok_or_else(|| Error::invalid_model("SDXL model without text_encoder_2"))?;
                 let name1 = self.te1.penultimate_name(clip_skip)?;
-                let h1 = self.te1.run(prompt, &[&name1])?.remove(0);
+                let h1 = self.te1.run(ids1, &[&name1])?.remove(0);
                 let name2 = te2.penultimate_name(clip_skip)?;
                 te2.graph.require_output(&["text_embeds"])?;
-                let mut out2 = te2.run(prompt, &[&name2, "text_embeds"])?;
+                let mut out2 = te2.run(ids2, &[&name2, "text_embeds"])?;
                 let pooled = out2.remove(1);
                 let h2 = out2.remove(0);
                 let embeds = concatenate(Axis(2), &[h1.view(), h2.view()]).map_err(|e| {

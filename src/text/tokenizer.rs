@@ -61,6 +61,17 @@ pub enum LongPrompt {
     Chunks,
 }
 
+impl LongPrompt {
+    /// `truncate` or `chunks`.
+    pub fn parse(s: &str) -> Option<LongPrompt> {
+        match s {
+            "truncate" => Some(LongPrompt::Truncate),
+            "chunks" => Some(LongPrompt::Chunks),
+            _ => None,
+        }
+    }
+}
+
 /// A CLIP BPE tokenizer. Cheap to share between threads (`Send + Sync`); the BPE
 /// cache sits behind a mutex.
 pub struct ClipTokenizer {

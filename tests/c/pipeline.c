@@ -110,6 +110,10 @@ static void test_info_and_options(void) {
   expect_ok(spo_options_set(o, "step_math", "gpu"), "set step_math");
   expect_error(spo_job_create(g_pipe, o, &j), SPO_ERR_INVALID_OPTION_VALUE, "'step_math'", "bad step_math");
   spo_options_free(o);
+  o = job_options("2");
+  expect_ok(spo_options_set(o, "long_prompt", "wrap"), "set long_prompt");
+  expect_error(spo_job_create(g_pipe, o, &j), SPO_ERR_INVALID_OPTION_VALUE, "'long_prompt'", "bad long_prompt");
+  spo_options_free(o);
   CHECK(j == NULL);
 }
 

@@ -90,6 +90,9 @@ pub fn spec_for(dir: &std::path::Path, c: &serde_json::Value) -> JobSpec {
                 .collect(),
         );
     }
+    if c["long_prompt"] == "chunks" {
+        s.long_prompt = spo_runtime::text::LongPrompt::Chunks;
+    }
     if let Some(img) = c["init_image"].as_str() {
         s.init_image = Some(dir.join(img));
         s.strength = c["strength"].as_f64().unwrap();
