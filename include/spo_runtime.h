@@ -210,7 +210,9 @@ void spo_error_free(struct spo_error *error);
 // "original_size" / "target_size" ("HxW"), "crops_coords_top_left" ("T,L"),
 // "step_math" ("graph", the default: guidance and the scheduler update run as
 // an ONNX graph beside the UNet, so the latents stay where the UNet runs, in
-// GPU memory under CUDA; "host": on host arrays, the reference path).
+// GPU memory under CUDA; "host": on host arrays, the reference path),
+// "long_prompt" ("truncate", the default: the first 75 tokens, as diffusers;
+// "chunks": A1111-style 75-token windows encoded one by one and concatenated).
 //
 // A pipeline holds one active job: from creation until the job finishes,
 // fails, is cancelled or is freed. Creating another meanwhile is SPO_ERR_BUSY.
