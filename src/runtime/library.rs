@@ -45,6 +45,27 @@ impl std::fmt::Debug for LoadedLibrary {
 
 static LOADED: Mutex<Option<LoadedLibrary>> = Mutex::new(None);
 
+/// Releases our reference to the ONNX Runtime environment when the process
+/// exits, before the runtime library's own static objects are destroyed.
+/// The environment owns a background thread; left alive through exit, it can
+/// wake while those statics are torn down and read freed memory (an ONNX
+/// Runtime behaviour: it expects the environment released before `main`
+/// returns). `atexit` handlers run in reverse order of registration, and
+/// ONNX Runtime's statics were constructed when it was loaded, before this
+/// registration, so this runs first. Sessions still alive at exit keep the
+/// environment (they hold references); hosts free their handles first.
+fn release_at_exit() {
+    extern "C" fn release() {
+        if let Some(mut loaded) = LOADED.try_lock() {
+            loaded.take();
+        }
+    }
+    // SAFETY: registers a plain function with no captured state.
+    unsafe {
+        libc::atexit(release);
+    }
+}
+
 /// A place to look, with a label for the error message.
 struct Candidate {
     source: &'static str,
@@ -138,6 +159,7 @@ pub fn load(option: Option<&str>) -> Result<LoadedLibrary> {
             match try_load(&c.path) {
                 Ok(lib) => {
                     *loaded = Some(lib.clone());
+                    release_at_exit();
                     return Ok(lib);
                 }
                 Err(why) => tried.push(format!("  {} -> {}: {why}", c.source, c.path.display())),
