@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use half::f16;
 use ndarray::{ArrayD, IxDyn};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::{IoBinding, RunOptions, Session, SessionInputValue};
+use ort::session::{IoBinding, RunOptions, Session, SessionInputValue, SessionOutputs};
 use ort::value::{
     DynTensor, DynValue, Tensor, TensorElementType, TensorValueTypeMarker, Value, ValueType,
 };
@@ -331,20 +331,13 @@ impl Graph {
         inputs: Vec<(&str, Input)>,
         options: Option<&RunOptions>,
     ) -> Result<ArrayD<f32>> {
-        for (name, input) in inputs {
-            let (name, value) = self.input_value(name, input)?;
-            binding.io.bind_input(name, &value)?;
-        }
         let component = self.component.clone();
-        let result = match options {
-            Some(o) => self.session.run_binding_with_options(&binding.io, o),
-            None => self.session.run_binding(&binding.io),
-        };
-        let out = result.map_err(|e| run_error(&component, e))?;
-        let v = out.get(binding.output.as_str()).ok_or_else(|| {
-            Error::invalid_model(format!("{component}: no output '{}'", binding.output))
-        })?;
-        to_f32(v).map_err(|e| e.context(format!("{component} output '{}'", binding.output)))
+        let name = binding.output.clone();
+        let out = self.bind_and_run(binding, inputs, options)?;
+        let v = out
+            .get(name.as_str())
+            .ok_or_else(|| Error::invalid_model(format!("{component}: no output '{name}'")))?;
+        to_f32(v).map_err(|e| e.context(format!("{component} output '{name}'")))
     }
 
     /// Where this graph's tensors live: the CUDA device when CUDA is the first
@@ -392,16 +385,25 @@ impl Graph {
         host: Vec<(&str, Input)>,
         options: Option<&RunOptions>,
     ) -> Result<()> {
-        for (name, input) in host {
+        self.bind_and_run(binding, host, options).map(drop)
+    }
+
+    /// Converts and binds `inputs`, then runs `binding`.
+    fn bind_and_run<'b>(
+        &'b mut self,
+        binding: &'b mut Binding,
+        inputs: Vec<(&str, Input)>,
+        options: Option<&RunOptions>,
+    ) -> Result<SessionOutputs<'b>> {
+        for (name, input) in inputs {
             let (name, value) = self.input_value(name, input)?;
             binding.io.bind_input(name, &value)?;
         }
-        let component = self.component.clone();
         let result = match options {
             Some(o) => self.session.run_binding_with_options(&binding.io, o),
             None => self.session.run_binding(&binding.io),
         };
-        result.map(drop).map_err(|e| run_error(&component, e))
+        result.map_err(|e| run_error(&self.component, e))
     }
 
     /// An empty binding, for graphs whose inputs all change per run.

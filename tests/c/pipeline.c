@@ -21,6 +21,16 @@ static spo_options *job_options(const char *steps) {
   return o;
 }
 
+/* A 2-step job with `key` set to `value` is refused with `code`, naming `needle`. */
+static void expect_bad_job_option(const char *key, const char *value, spo_code code, const char *needle) {
+  spo_options *o = job_options("2");
+  spo_job *j = NULL;
+  expect_ok(spo_options_set(o, key, value), key);
+  expect_error(spo_job_create(g_pipe, o, &j), code, needle, key);
+  CHECK(j == NULL);
+  spo_options_free(o);
+}
+
 static int run_to_images(spo_job *job, const char *what) {
   spo_images *images = NULL;
   if (!expect_ok(spo_job_run(job), what)) return 0;
@@ -90,31 +100,12 @@ static void test_info_and_options(void) {
   spo_string_free(v);
   expect_error(spo_pipeline_info(g_pipe, "nope", &v), SPO_ERR_INVALID_ARGUMENT, "'nope'", "unknown pipeline key");
 
-  spo_job *j = NULL;
-  spo_options *o = job_options("abc");
-  expect_error(spo_job_create(g_pipe, o, &j), SPO_ERR_INVALID_OPTION_VALUE, "'steps'", "bad steps");
-  spo_options_free(o);
-  o = job_options("2");
-  expect_ok(spo_options_set(o, "scheduler", "warp"), "set scheduler");
-  expect_error(spo_job_create(g_pipe, o, &j), SPO_ERR_INVALID_OPTION_VALUE, "scheduler", "bad scheduler");
-  spo_options_free(o);
-  o = job_options("2");
-  expect_ok(spo_options_set(o, "ep", "cpu"), "set ep");
-  expect_error(spo_job_create(g_pipe, o, &j), SPO_ERR_UNKNOWN_OPTION, "'ep'", "runtime key given to a job");
-  spo_options_free(o);
-  o = job_options("2");
-  expect_ok(spo_options_set(o, "width", "65"), "set width");
-  expect_error(spo_job_create(g_pipe, o, &j), SPO_ERR_INVALID_OPTION_VALUE, "65", "width not a multiple");
-  spo_options_free(o);
-  o = job_options("2");
-  expect_ok(spo_options_set(o, "step_math", "gpu"), "set step_math");
-  expect_error(spo_job_create(g_pipe, o, &j), SPO_ERR_INVALID_OPTION_VALUE, "'step_math'", "bad step_math");
-  spo_options_free(o);
-  o = job_options("2");
-  expect_ok(spo_options_set(o, "long_prompt", "wrap"), "set long_prompt");
-  expect_error(spo_job_create(g_pipe, o, &j), SPO_ERR_INVALID_OPTION_VALUE, "'long_prompt'", "bad long_prompt");
-  spo_options_free(o);
-  CHECK(j == NULL);
+  expect_bad_job_option("steps", "abc", SPO_ERR_INVALID_OPTION_VALUE, "'steps'");
+  expect_bad_job_option("scheduler", "warp", SPO_ERR_INVALID_OPTION_VALUE, "scheduler");
+  expect_bad_job_option("ep", "cpu", SPO_ERR_UNKNOWN_OPTION, "'ep'"); /* a runtime key given to a job */
+  expect_bad_job_option("width", "65", SPO_ERR_INVALID_OPTION_VALUE, "65");
+  expect_bad_job_option("step_math", "gpu", SPO_ERR_INVALID_OPTION_VALUE, "'step_math'");
+  expect_bad_job_option("long_prompt", "wrap", SPO_ERR_INVALID_OPTION_VALUE, "'long_prompt'");
 }
 
 /* The x0 preview after `done` steps: shape [1, 4, 8, 8], finite, not all zero. */
