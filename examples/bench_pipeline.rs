@@ -2,7 +2,7 @@
 //!
 //!   cargo run --release --example bench_pipeline -- [--model DIR] [--steps N]
 //!       [--repeats R] [--ep cpu] [--threads T] [--raw] [--interleave repeat|step]
-//!       [--step-math graph|host]
+//!       [--step-math auto|graph|host]
 //!
 //! In one process, over R repeats, it interleaves (by default block by block,
 //! alternating which goes first; `--interleave step`: call by call):
@@ -57,7 +57,7 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench_pipeline [--model DIR] [--steps N] [--repeats R] [--ep LIST] [--threads T] [--raw] [--interleave repeat|step] [--step-math graph|host]"
+        "usage: bench_pipeline [--model DIR] [--steps N] [--repeats R] [--ep LIST] [--threads T] [--raw] [--interleave repeat|step] [--step-math auto|graph|host]"
     );
     std::process::exit(2)
 }
@@ -71,7 +71,7 @@ fn parse_args() -> Args {
         threads: None,
         raw: false,
         fine: false,
-        step_math: StepMath::Graph,
+        step_math: StepMath::Auto,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -83,13 +83,7 @@ fn parse_args() -> Args {
             "--ep" => a.ep = value(),
             "--threads" => a.threads = Some(value().parse().unwrap_or_else(|_| usage())),
             "--raw" => a.raw = true,
-            "--step-math" => {
-                a.step_math = match value().as_str() {
-                    "graph" => StepMath::Graph,
-                    "host" => StepMath::Host,
-                    _ => usage(),
-                }
-            }
+            "--step-math" => a.step_math = StepMath::parse(&value()).unwrap_or_else(|| usage()),
             "--interleave" => match value().as_str() {
                 "step" => a.fine = true,
                 "repeat" => a.fine = false,

@@ -208,9 +208,10 @@ void spo_error_free(struct spo_error *error);
 // "generator" ("torch-cpu": same latents as torch.Generator("cpu").manual_seed),
 // "num_images", "clip_skip", "init_image" (PNG path, img2img), "strength",
 // "original_size" / "target_size" ("HxW"), "crops_coords_top_left" ("T,L"),
-// "step_math" ("graph", the default: guidance and the scheduler update run as
-// an ONNX graph beside the UNet, so the latents stay where the UNet runs, in
-// GPU memory under CUDA; "host": on host arrays, the reference path),
+// "step_math" ("graph": guidance and the scheduler update run as an ONNX
+// graph beside the UNet, so the latents stay where the UNet runs, in GPU
+// memory under CUDA; "host": on host arrays, the reference path; "auto", the
+// default: graph when the UNet runs on CUDA, host on the CPU provider),
 // "long_prompt" ("truncate", the default: the first 75 tokens, as diffusers;
 // "chunks": A1111-style 75-token windows encoded one by one and concatenated).
 //

@@ -107,9 +107,9 @@ struct Generate {
     /// Prompts over 75 tokens: truncate (diffusers) or chunks (A1111-style windows).
     #[arg(long, default_value = "truncate")]
     long_prompt: String,
-    /// Where guidance and the scheduler update run: graph (beside the UNet,
-    /// latents stay on its device) or host.
-    #[arg(long, default_value = "graph")]
+    /// Where guidance and the scheduler update run: auto (graph on CUDA, host
+    /// on CPU), graph (beside the UNet, latents stay on its device) or host.
+    #[arg(long, default_value = "auto")]
     step_math: String,
     #[arg(long)]
     init_image: Option<PathBuf>,
@@ -199,7 +199,10 @@ fn generate(g: Generate) -> Result<()> {
             ))
         })?,
         step_math: StepMath::parse(&g.step_math).ok_or_else(|| {
-            Error::invalid_argument(format!("--step-math '{}': use graph or host", g.step_math))
+            Error::invalid_argument(format!(
+                "--step-math '{}': use auto, graph or host",
+                g.step_math
+            ))
         })?,
         init_image: g.init_image,
         strength: g.strength,

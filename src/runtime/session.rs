@@ -184,6 +184,11 @@ impl Graph {
         count: bool,
     ) -> Result<Graph> {
         let mut builder = rt.session_builder()?;
+        if !count {
+            // The runtime's own graphs are a few element-wise ops on latents:
+            // a thread pool costs more to wake than it saves.
+            builder = builder.with_intra_threads(1).map_err(ort::Error::from)?;
+        }
         for (name, value) in initializers {
             builder = builder.with_initializer(&name, value).map_err(|e| {
                 Error::new(
@@ -338,6 +343,11 @@ impl Graph {
             .get(name.as_str())
             .ok_or_else(|| Error::invalid_model(format!("{component}: no output '{name}'")))?;
         to_f32(v).map_err(|e| e.context(format!("{component} output '{name}'")))
+    }
+
+    /// Whether the session runs on CUDA (the first provider).
+    pub fn on_cuda(&self) -> bool {
+        self.cuda_device.is_some()
     }
 
     /// Where this graph's tensors live: the CUDA device when CUDA is the first

@@ -170,8 +170,9 @@ static void test_generate_stepwise_and_busy(void) {
   spo_images_free(im);
   spo_job_free(a);
   /* The slot is free again: a full run works, with previews read from the
-     callback; this one steps on the host (job a ran the resident step graph). */
-  expect_ok(spo_options_set(o, "step_math", "host"), "set step_math");
+     callback; this one runs the resident step graph (job a stepped on the
+     host, the default on the CPU provider). */
+  expect_ok(spo_options_set(o, "step_math", "graph"), "set step_math");
   if (expect_ok(spo_job_create(g_pipe, o, &b), "job b")) {
     preview_ctx pc = {b, 0};
     expect_ok(spo_job_set_progress_callback(b, preview_from_callback, &pc), "set progress");
@@ -229,9 +230,11 @@ static void test_cancel(void) {
     spo_job_free(j);
     j = NULL;
   }
-  /* Cancel from another thread while spo_job_run runs. */
+  /* Cancel from another thread while spo_job_run runs, in the resident loop
+     (the callback cancel above stepped on the host). */
   spo_options_free(o);
   o = job_options("200");
+  expect_ok(spo_options_set(o, "step_math", "graph"), "set step_math");
   cancel_ctx c;
   c.started = 0;
   pthread_mutex_init(&c.mu, NULL);
