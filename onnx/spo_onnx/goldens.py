@@ -452,7 +452,9 @@ def run_case(pipe, c, w, init_png, prefix=""):
         vae_encode="mean" if img2img else None,
         latents=w.npy(f"{name}_latents.npy", results["latent"]),
         image=w.png(f"{name}.png", pil),
-        image_f32=w.npy(f"{name}_image.npy", img_np),
+        # diffusers' float images, for the images after the first (the PNG
+        # covers the first); only multi-image cases need it
+        image_f32=w.npy(f"{name}_image.npy", img_np) if c.get("num_images", 1) > 1 else None,
     )
     if img2img:
         entry["width"], entry["height"] = pil.size
