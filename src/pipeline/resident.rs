@@ -161,7 +161,8 @@ impl ResidentLoop {
             Some(run_options),
         )?;
 
-        // The step graph: inputs first (they may alias last step's outputs).
+        // The step graph. Latents and x0 alternate between two buffers, so a
+        // step never writes what it reads.
         let next = if self.initial.is_some() {
             0
         } else {
@@ -183,8 +184,8 @@ impl ResidentLoop {
         )?;
         let x0_slot = self.steps % 2;
         preview.bind_x0(b, x0_slot, self.steps > 0, &self.zeros)?;
-        let (lo, hi) = self.latents.split_at_mut(1);
-        b.output("prev", if next == 0 { &mut lo[0] } else { &mut hi[0] })?;
+        let [l0, l1] = &mut self.latents;
+        b.output("prev", if next == 0 { l0 } else { l1 })?;
         b.output("unet_in", &mut self.unet_in)?;
         let mut host = vec![(
             "coef",
