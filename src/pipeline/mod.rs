@@ -5,6 +5,7 @@ pub mod denoise;
 pub mod image;
 pub mod job;
 pub mod lora;
+pub mod preview;
 pub mod resident;
 pub mod rng;
 pub mod step_graph;
@@ -16,8 +17,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 pub use self::image::Image;
-pub use self::job::{Job, JobSpec, Preview, PreviewSlot, Status, StepMath};
+pub use self::job::{Job, JobSpec, Status, StepMath};
 pub use self::lora::{Lora, LoraMode};
+pub use self::preview::{Preview, PreviewSlot};
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::{upcast, ModelFolder, ModelKind, OnnxGraph};
 use crate::options::Options;

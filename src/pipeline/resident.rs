@@ -18,7 +18,7 @@ use ort::session::RunOptions;
 use ort::value::DynTensor;
 
 use super::denoise::{self, cat_batch, Conditioning};
-use super::job::PreviewSlot;
+use super::preview::PreviewSlot;
 use super::step_graph::{self, StepGraphKind};
 use crate::error::{Error, Result};
 use crate::runtime::session::{download, f32_input, Binding, DType, Graph, Input};

@@ -16,7 +16,7 @@
 use super::schedule::{self, f32r, TrainScheduleOpts};
 use super::{
     check_len, check_step, BetaSchedule, LinearStep, Prediction, Scheduler, SchedulerConfig,
-    Spacing, StepOutput,
+    Spacing,
 };
 use crate::error::{Error, Result};
 
@@ -289,22 +289,12 @@ impl Scheduler for DpmSolverMultistepScheduler {
         Ok(step)
     }
 
-    fn step(
-        &mut self,
-        model_output: &[f32],
-        step_index: usize,
-        sample: &[f32],
-        _noise: Option<&[f32]>,
-    ) -> Result<StepOutput> {
-        check_len("model_output", model_output.len(), sample.len())?;
-        let out = self.linear_step(step_index)?.apply(
-            model_output,
-            sample,
-            self.last_x0.as_deref(),
-            None,
-        )?;
-        self.last_x0 = Some(out.pred_original_sample.clone());
-        Ok(out)
+    fn history(&self) -> Option<&[f32]> {
+        self.last_x0.as_deref()
+    }
+
+    fn keep_history(&mut self, x0: &[f32]) {
+        self.last_x0 = Some(x0.to_vec());
     }
 
     fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>> {

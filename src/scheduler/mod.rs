@@ -512,9 +512,19 @@ pub trait Scheduler: Send {
         } else {
             None
         };
-        self.linear_step(step_index)?
-            .apply(model_output, sample, None, noise)
+        let out =
+            self.linear_step(step_index)?
+                .apply(model_output, sample, self.history(), noise)?;
+        self.keep_history(&out.pred_original_sample);
+        Ok(out)
     }
+    /// The previous step's x0, for multistep schedulers stepped through
+    /// [`step`](Self::step) (DPM-Solver's second order); `None` for the rest.
+    fn history(&self) -> Option<&[f32]> {
+        None
+    }
+    /// Keeps this step's x0 for the next [`step`](Self::step), where needed.
+    fn keep_history(&mut self, _x0: &[f32]) {}
     /// Noises `original` to the level of step `step_index` (img2img start).
     fn add_noise(&self, original: &[f32], noise: &[f32], step_index: usize) -> Result<Vec<f32>>;
     /// Model evaluations per step (1 for all schedulers here).
