@@ -129,13 +129,19 @@ def _trim_dynamo_metadata(path):
     import onnx
 
     m = onnx.load(path, load_external_data=False)
-    for node in m.graph.node:
+    keep_name_scopes_only(m)
+    onnx.save_model(m, path)
+
+
+def keep_name_scopes_only(model):
+    """In place: drops every node's doc string and metadata except
+    `pkg.torch.onnx.name_scopes`."""
+    for node in model.graph.node:
         keep = [(p.key, p.value) for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"]
         del node.metadata_props[:]
         for k, v in keep:
             node.metadata_props.add(key=k, value=v)
         node.doc_string = ""
-    onnx.save_model(m, path)
 
 
 def _dynamic_shapes(module, input_names, dynamic_axes):

@@ -212,7 +212,9 @@ NAMES = dict(input_names=["sample", "timestep", "encoder_hidden_states", "text_e
 
 def export_all(u, args, tdir):
     import onnx
-    
+
+    from . import export
+
     for sub in ("ts", "fqn", "dynamo"):
         (tdir / sub).mkdir(parents=True, exist_ok=True)
         for f in (tdir / sub).iterdir():
@@ -228,12 +230,7 @@ def export_all(u, args, tdir):
         prog = torch.onnx.export(u, args, dynamo=True, **NAMES)
         # keep the fixture small: only the name-scope metadata the reader uses
         model = prog.model_proto
-        for node in model.graph.node:
-            keep = [(p.key, p.value) for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"]
-            del node.metadata_props[:]
-            for k, v in keep:
-                node.metadata_props.add(key=k, value=v)
-            node.doc_string = ""
+        export.keep_name_scopes_only(model)
         del model.graph.value_info[:]
         onnx.save_model(model, str(tdir / "dynamo" / "model.onnx"), save_as_external_data=True,
                         all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
