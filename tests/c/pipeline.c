@@ -189,11 +189,18 @@ static int cancel_at_2(void *user_data, uint32_t done, uint32_t total) {
   return done >= 2;
 }
 
+/* Cancel-from-thread handshake. The progress callback (on the job's thread)
+   announces the first step, then blocks until the canceller says that
+   spo_job_cancel has returned. So the cancel always lands mid-run, whatever
+   the thread scheduler does (valgrind serialises threads), and no step of the
+   test depends on timing. */
 typedef struct {
   spo_job *job;
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int started;
+  int cancel_returned;
+  uint32_t calls;
 } cancel_ctx;
 
 static int signal_started(void *user_data, uint32_t done, uint32_t total) {
@@ -201,8 +208,10 @@ static int signal_started(void *user_data, uint32_t done, uint32_t total) {
   (void)total;
   cancel_ctx *c = (cancel_ctx *)user_data;
   pthread_mutex_lock(&c->mu);
+  c->calls++;
   c->started = 1;
-  pthread_cond_signal(&c->cv);
+  pthread_cond_broadcast(&c->cv);
+  while (!c->cancel_returned) pthread_cond_wait(&c->cv, &c->mu);
   pthread_mutex_unlock(&c->mu);
   return 0;
 }
@@ -213,7 +222,35 @@ static void *canceller(void *arg) {
   while (!c->started) pthread_cond_wait(&c->cv, &c->mu);
   pthread_mutex_unlock(&c->mu);
   spo_job_cancel(c->job);
+  pthread_mutex_lock(&c->mu);
+  c->cancel_returned = 1;
+  pthread_cond_broadcast(&c->cv);
+  pthread_mutex_unlock(&c->mu);
   return NULL;
+}
+
+/* Cancels a running spo_job_run from another thread, in the given loop. */
+static void cancel_from_thread(const char *step_math) {
+  spo_options *o = job_options("6");
+  expect_ok(spo_options_set(o, "step_math", step_math), "set step_math");
+  cancel_ctx c = {0};
+  pthread_mutex_init(&c.mu, NULL);
+  pthread_cond_init(&c.cv, NULL);
+  spo_job *j = NULL;
+  if (expect_ok(spo_job_create(g_pipe, o, &j), "job thread")) {
+    c.job = j;
+    expect_ok(spo_job_set_progress_callback(j, signal_started, &c), "set progress");
+    pthread_t t;
+    pthread_create(&t, NULL, canceller, &c);
+    expect_error(spo_job_run(j), SPO_ERR_CANCELLED, "cancelled", "cancel from thread");
+    pthread_join(t, NULL);
+    /* The run stopped right after the step during which the cancel landed. */
+    CHECK(c.calls == 1);
+    spo_job_free(j);
+  }
+  pthread_mutex_destroy(&c.mu);
+  pthread_cond_destroy(&c.cv);
+  spo_options_free(o);
 }
 
 static void test_cancel(void) {
@@ -230,28 +267,11 @@ static void test_cancel(void) {
     spo_job_free(j);
     j = NULL;
   }
+  spo_options_free(o);
   /* Cancel from another thread while spo_job_run runs, in the resident loop
-     (the callback cancel above stepped on the host). */
-  spo_options_free(o);
-  o = job_options("200");
-  expect_ok(spo_options_set(o, "step_math", "graph"), "set step_math");
-  cancel_ctx c;
-  c.started = 0;
-  pthread_mutex_init(&c.mu, NULL);
-  pthread_cond_init(&c.cv, NULL);
-  if (expect_ok(spo_job_create(g_pipe, o, &j), "job thread")) {
-    c.job = j;
-    expect_ok(spo_job_set_progress_callback(j, signal_started, &c), "set progress");
-    pthread_t t;
-    pthread_create(&t, NULL, canceller, &c);
-    expect_error(spo_job_run(j), SPO_ERR_CANCELLED, "cancelled", "cancel from thread");
-    pthread_join(t, NULL);
-    spo_job_free(j);
-    j = NULL;
-  }
-  pthread_mutex_destroy(&c.mu);
-  pthread_cond_destroy(&c.cv);
-  spo_options_free(o);
+     and in the host loop. */
+  cancel_from_thread("graph");
+  cancel_from_thread("host");
   /* The pipeline is usable after a cancel. */
   o = job_options("2");
   if (expect_ok(spo_job_create(g_pipe, o, &j), "job after cancel")) {
