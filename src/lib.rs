@@ -1,7 +1,7 @@
 //! spo-runtime: SDXL / SD 1.5 denoising on ONNX Runtime, runtime LoRA and SPO
 //! training, usable from Rust directly and from C through `src/ffi`.
 //!
-//! Layers (see `../shared/design/architecture.md`): `runtime` loads ONNX Runtime
+//! Layers (see the README's architecture section): `runtime` loads ONNX Runtime
 //! and builds sessions; `model`, `text`, `scheduler`, `pipeline`, `lora` and
 //! `train` build on it; `ffi` only converts arguments for the C ABI.
 
@@ -14,6 +14,7 @@ pub mod pipeline;
 pub mod runtime;
 pub mod scheduler;
 pub mod text;
+pub mod train;
 
 pub use error::{Error, ErrorCode, Result};
 pub use options::Options;

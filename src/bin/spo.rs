@@ -14,6 +14,7 @@ use spo_runtime::lora::ModelGraphs;
 use spo_runtime::pipeline::{JobSpec, Lora, LoraMode, Pipeline, StepMath};
 use spo_runtime::runtime::{LogLevel, Logger};
 use spo_runtime::text::LongPrompt;
+use spo_runtime::train::{tensors, GradRunner};
 use spo_runtime::{Error, Options, Result, Runtime};
 
 #[derive(Parser)]
@@ -49,6 +50,10 @@ enum Command {
         #[command(subcommand)]
         command: LoraCommand,
     },
+    /// Run a training folder's gradient graphs on given tensors: the UNet
+    /// inputs, `cotangent` and the LoRA (PEFT keys) in; `out_sample` and the
+    /// LoRA gradients of sum(cotangent * out_sample) out.
+    Grad(Box<Grad>),
     /// Print a model folder's components, dtypes, shapes and providers.
     Info {
         #[arg(long)]
@@ -56,6 +61,24 @@ enum Command {
         #[command(flatten)]
         rt: RuntimeArgs,
     },
+}
+
+#[derive(Args)]
+struct Grad {
+    /// A training folder (train_manifest.json and its graphs).
+    #[arg(long)]
+    train_dir: PathBuf,
+    /// safetensors with the UNet inputs, `cotangent` and the LoRA parameters.
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Where to write `out_sample` and the gradients (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also check the training folder against this model folder's UNet.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    rt: RuntimeArgs,
 }
 
 #[derive(Subcommand)]
@@ -306,6 +329,25 @@ fn lora_inspect(file: &Path, model: &Path) -> Result<()> {
     Ok(())
 }
 
+fn grad(g: Grad) -> Result<()> {
+    let rt = runtime(&g.rt)?;
+    let t0 = std::time::Instant::now();
+    let mut runner = GradRunner::open(&rt, &g.train_dir)?;
+    if let Some(model) = &g.model {
+        runner.check_model(&rt, model)?;
+    }
+    let inputs = tensors::read(&g.inputs)?;
+    let result = runner.run_contract(&g.inputs.display().to_string(), inputs)?;
+    tensors::write(&g.out, &result)?;
+    println!(
+        "wrote {} ({} gradients) in {:.2}s",
+        g.out.display(),
+        result.len() - 1,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     // A closed pipe (`spo lora inspect ... | head`) ends the process quietly,
     // as for other command-line tools, instead of panicking in println!.
@@ -315,6 +357,7 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Generate(g) => generate(*g),
         Command::Info { model, rt } => info(&model, &rt),
+        Command::Grad(g) => grad(*g),
         Command::Lora {
             command: LoraCommand::Inspect { file, model },
         } => lora_inspect(&file, &model),

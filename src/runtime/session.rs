@@ -524,3 +524,24 @@ fn to_f32<T: TensorValueTypeMarker + ?Sized>(v: &Value<T>) -> Result<ArrayD<f32>
 pub fn f32_input(shape: &[usize], data: Vec<f32>) -> Input {
     Input::F32(ArrayD::from_shape_vec(IxDyn(shape), data).expect("shape matches data length"))
 }
+
+/// Overwrites the f32 tensor `t` (host or device) with `data`, in place, so
+/// that bindings holding it see the new values. The length must match.
+pub fn write_f32(t: &mut DynTensor, data: &[f32]) -> Result<()> {
+    if t.memory_info().is_cpu_accessible() {
+        let (_, dst) = t.try_extract_tensor_mut::<f32>()?;
+        if dst.len() != data.len() {
+            return Err(Error::invalid_argument(format!(
+                "cannot write {} values into a tensor of {}",
+                data.len(),
+                dst.len()
+            )));
+        }
+        dst.copy_from_slice(data);
+        return Ok(());
+    }
+    let shape: Vec<usize> = t.shape().iter().map(|d| *d as usize).collect();
+    let host: DynTensor = Tensor::from_array((shape, data.to_vec()))?.upcast();
+    host.copy_into(t)?;
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! Named float32 tensors in safetensors files: the input and output format of
+//! `spo grad`, and of the trainer's checkpoints. Files are untrusted: the size
+//! is checked before reading, the header by the safetensors crate, and every
+//! tensor must be float32.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ndarray::{ArrayD, IxDyn};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// Named tensors, sorted by name.
+pub type NamedTensors = BTreeMap<String, ArrayD<f32>>;
+
+/// Files above this are refused unread (a rank-64 SDXL LoRA is ~0.7 GB).
+const MAX_FILE_BYTES: u64 = 8 << 30;
+
+/// Reads every tensor of a safetensors file as f32.
+pub fn read(path: &Path) -> Result<NamedTensors> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() || meta.len() > MAX_FILE_BYTES {
+        return Err(Error::invalid_file(format!(
+            "{}: not a regular file of at most {MAX_FILE_BYTES} bytes",
+            path.display()
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        Error::invalid_file(format!("{}: invalid safetensors file: {e}", path.display()))
+    })?;
+    let mut out = NamedTensors::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(Error::invalid_file(format!(
+                "{}: tensor '{name}' is {:?}; float32 is expected",
+                path.display(),
+                view.dtype()
+            )));
+        }
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let a = ArrayD::from_shape_vec(IxDyn(view.shape()), data).map_err(|e| {
+            Error::invalid_file(format!("{}: tensor '{name}': {e}", path.display()))
+        })?;
+        out.insert(name, a);
+    }
+    Ok(out)
+}
+
+/// Writes `tensors` as float32, atomically (a temporary file renamed into place).
+pub fn write(path: &Path, tensors: &NamedTensors) -> Result<()> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, a)| {
+            let b = a.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (k.clone(), b, a.shape().to_vec())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, b, s)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| Error::invalid_argument(format!("tensor '{k}': {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(views, None, &tmp)
+        .map_err(|e| Error::invalid_file(format!("{}: cannot write: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Checks that `tensors` holds exactly `expected` (name, shape): a missing
+/// key, an extra key and a wrong shape are errors that name the key and both
+/// shapes. `what` names the file in messages.
+pub fn check_exact(
+    what: &str,
+    tensors: &NamedTensors,
+    expected: &[(&str, &[usize])],
+) -> Result<()> {
+    for (name, shape) in expected {
+        match tensors.get(*name) {
+            None => {
+                return Err(Error::invalid_argument(format!(
+                    "{what}: missing tensor '{name}' (expected shape {shape:?})"
+                )))
+            }
+            Some(a) if a.shape() != *shape => {
+                return Err(Error::invalid_argument(format!(
+                    "{what}: tensor '{name}' has shape {:?}, expected {shape:?}",
+                    a.shape()
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(extra) = tensors
+        .keys()
+        .find(|k| !expected.iter().any(|(n, _)| n == k))
+    {
+        return Err(Error::invalid_argument(format!(
+            "{what}: unexpected tensor '{extra}' {:?} (not an input of these training graphs)",
+            tensors[extra].shape()
+        )));
+    }
+    Ok(())
+}
