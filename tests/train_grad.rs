@@ -287,7 +287,7 @@ fn bad_manifests_are_named_errors() {
     let dir = std::env::temp_dir().join(format!("spo-train-manifest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let rt = common::runtime();
-    let mut expect = |v: &serde_json::Value, needle: &str| {
+    let expect = |v: &serde_json::Value, needle: &str| {
         std::fs::write(dir.join("train_manifest.json"), v.to_string()).unwrap();
         let e = GradRunner::open(&rt, &dir).err().expect("refused");
         assert!(e.message.contains(needle), "wanted '{needle}' in: {e}");
