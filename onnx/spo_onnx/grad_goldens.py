@@ -24,12 +24,12 @@ import torch
 from . import train_graphs
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures")
-# model -> (ONNX UNet folders to build training graphs from, shapes)
+# model -> (training folders: suffix -> (ONNX UNet folder, segments), shapes)
 CASES = {
-    "tiny-sdxl": {"unets": {"": "tiny-sdxl/unet"},
+    "tiny-sdxl": {"unets": {"": ("tiny-sdxl/unet", 1)},
                   "batch": 2, "latent": (8, 8), "seq": 77, "rank": 4, "alpha": 8.0, "seed": 11},
-    "tiny-sd15": {"unets": {"": "tiny-sd15/unet", "-fp16": "tiny-sd15-fp16/unet",
-                            "-dynamo": "tiny-sd15-dynamo/unet"},
+    "tiny-sd15": {"unets": {"": ("tiny-sd15/unet", 1), "-fp16": ("tiny-sd15-fp16/unet", 1),
+                            "-dynamo": ("tiny-sd15-dynamo/unet", 1), "-seg3": ("tiny-sd15/unet", 3)},
                   "batch": 2, "latent": (8, 8), "seq": 77, "rank": 4, "alpha": 4.0, "seed": 12},
 }
 
@@ -105,9 +105,10 @@ def write_case(model, case):
     expected.update({k: f32(g) for k, g in grads.items()})
     save_file(expected, os.path.join(out_dir, "expected.safetensors"))
     h, w = case["latent"]
-    for suffix, unet_dir in case["unets"].items():
+    for suffix, (unet_dir, segments) in case["unets"].items():
         train_graphs.build(os.path.join(ROOT, unet_dir), os.path.join(out_dir, "graphs" + suffix),
-                           case["batch"], h, w, case["seq"], case["rank"], case["alpha"], train_graphs.SPO_TARGETS)
+                           case["batch"], h, w, case["seq"], case["rank"], case["alpha"], train_graphs.SPO_TARGETS,
+                           segments=segments)
     print(f"{model}: {len(params)} LoRA tensors, |out| max {out.abs().max():.3g}")
 
 

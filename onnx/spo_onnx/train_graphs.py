@@ -23,8 +23,10 @@ are). The contract is `train_manifest.json`, described in onnx/DESIGN.md.
 """
 
 import argparse
+import ast
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -189,11 +191,11 @@ def restore_initializers(model, hidden):
     model.graph.initializer.extend(hidden)
 
 
-def reverse(model, params):
+def reverse(model, wrt, outputs):
     import onnx_ad
 
     hidden = hide_initializers(model)
-    joint = onnx_ad.reverse(model, inputs=params, outputs=[OUTPUT], prefix="adj_", dim=SEED_DIM, layout="onnx")
+    joint = onnx_ad.reverse(model, inputs=wrt, outputs=outputs, prefix="adj_", dim=SEED_DIM, layout="onnx")
     restore_initializers(joint, hidden)
     return joint
 
@@ -201,42 +203,59 @@ def reverse(model, params):
 # --------------------------------------------------------------------------- 4. interface
 
 
-def plain_interface(model, params, out_shape):
-    """`cotangent` [B,4,h,w] in, `grad.<key>` out, the seed axis fixed to 1."""
+def cotangent_name(output):
+    """The backward input that takes the cotangent of a forward output."""
+    return COTANGENT if output == OUTPUT else f"cotangent.{output}"
+
+
+def input_grad_name(value):
+    """The backward output with the gradient of a segment's activation input."""
+    return f"grad_in.{value}"
+
+
+def _shape(model, name):
+    for v in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if v.name == name:
+            return v.type.tensor_type.elem_type, [d.dim_value for d in v.type.tensor_type.shape.dim]
+    raise KeyError(name)
+
+
+def plain_interface(model, params, seeded, diff_inputs):
+    """Float32 `cotangent[.<output>]` inputs and `grad.<key>` / `grad_in.<value>`
+    outputs in place of onnx-ad's seed-axis ones (the seed axis fixed to 1).
+    `grad.<key> = accum.<key> + this call's gradient`: the runner accumulates
+    across calls on the device by swapping two buffers, with no extra pass."""
     g = model.graph
-    seed = "adj_" + OUTPUT
-    seed_vi = next(i for i in g.input if i.name == seed)
-    g.input.remove(seed_vi)
-    g.input.append(helper.make_tensor_value_info(COTANGENT, TensorProto.FLOAT, out_shape))
-    axis = numpy_helper.from_array(np.array([len(out_shape)], np.int64), "seed.axis")
-    g.initializer.append(axis)
-    cot = COTANGENT
-    if _elem_type(model, OUTPUT) == TensorProto.FLOAT16:
-        g.node.insert(0, helper.make_node("Cast", [COTANGENT], ["cotangent.half"], to=TensorProto.FLOAT16, name="/seed/Cast"))
-        cot = "cotangent.half"
-    g.node.insert(1 if cot != COTANGENT else 0,
-                  helper.make_node("Unsqueeze", [cot, "seed.axis"], [seed], name="/seed/Unsqueeze"))
-    outs = {o.name: o for o in g.output}
+    g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "seed.axis.last"))
+    head = []
+    for o in seeded:
+        seed = "adj_" + o
+        g.input.remove(next(i for i in g.input if i.name == seed))
+        elem, shape = _shape(model, o)
+        cot = cotangent_name(o)
+        g.input.append(helper.make_tensor_value_info(cot, TensorProto.FLOAT, shape))
+        if elem != TensorProto.FLOAT:
+            head.append(helper.make_node("Cast", [cot], [cot + ".cast"], to=elem, name=f"/seed/{o}/Cast"))
+            cot += ".cast"
+        head.append(helper.make_node("Unsqueeze", [cot, "seed.axis.last"], [seed], name=f"/seed/{o}/Unsqueeze"))
+    for k, n in enumerate(head):
+        g.node.insert(k, n)
+    primal = [o for o in g.output if not o.name.startswith("adj_")]
     del g.output[:]
-    g.output.append(outs[OUTPUT])
-    last = numpy_helper.from_array(np.array([-1], np.int64), "seed.axis.last")
-    g.initializer.append(last)
+    g.output.extend(primal)
     for p in params:
-        # grad.<key> = accum.<key> + this call's gradient: the runner accumulates
-        # across calls on the device by swapping two buffers, with no extra pass.
-        shape = next([d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input if i.name == p)
+        shape = _shape(model, p)[1]
         g.input.append(helper.make_tensor_value_info(accum_name(p), TensorProto.FLOAT, shape))
         g.node.append(helper.make_node("Squeeze", ["adj_" + p, "seed.axis.last"], [f"/grad/{p}/step"], name=f"/grad/{p}/Squeeze"))
         g.node.append(helper.make_node("Add", [accum_name(p), f"/grad/{p}/step"], [grad_name(p)], name=f"/grad/{p}/Add"))
         g.output.append(helper.make_tensor_value_info(grad_name(p), TensorProto.FLOAT, shape))
+    for x in diff_inputs:
+        elem, shape = _shape(model, x)
+        out = input_grad_name(x)
+        g.node.append(helper.make_node("Squeeze", ["adj_" + x, "seed.axis.last"], [out + ".raw"], name=f"/grad_in/{x}/Squeeze"))
+        g.node.append(helper.make_node("Cast", [out + ".raw"], [out], to=TensorProto.FLOAT, name=f"/grad_in/{x}/Cast"))
+        g.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
     return model
-
-
-def _elem_type(model, name):
-    for v in list(model.graph.output) + list(model.graph.input) + list(model.graph.value_info):
-        if v.name == name:
-            return v.type.tensor_type.elem_type
-    raise KeyError(name)
 
 
 def fix_seed_dim(model):
@@ -284,7 +303,7 @@ def transposes_to_reshapes(model):
         if big != sorted(big):
             continue
         out_shape = [shape[p] for p in perm]
-        const = f"{n.name or n.output[0]}/t2r_shape"
+        const = f"t2r.{count}"
         g.initializer.append(numpy_helper.from_array(np.array(out_shape, np.int64), const))
         g.node[i].CopyFrom(helper.make_node("Reshape", [n.input[0], const], list(n.output), name=n.name))
         count += 1
@@ -320,13 +339,17 @@ def infer(model):
 # --------------------------------------------------------------------------- 5. split
 
 
-def producers(g):
-    return {o: n for n in g.node for o in n.output}
+# The helpers below take a list of the graph's nodes and compare nodes by
+# identity: protobuf's wrappers are only stable while a reference is held.
 
 
-def ancestors(g, outputs):
+def producers(nodes):
+    return {o: n for n in nodes for o in n.output}
+
+
+def ancestors(nodes, outputs):
     """The nodes needed to compute `outputs`, in graph order."""
-    prod = producers(g)
+    prod = producers(nodes)
     seen, stack = set(), list(outputs)
     while stack:
         v = stack.pop()
@@ -335,7 +358,7 @@ def ancestors(g, outputs):
             continue
         seen.add(id(n))
         stack.extend(i for i in n.input if i)
-    return [n for n in g.node if id(n) in seen]
+    return [n for n in nodes if id(n) in seen]
 
 
 def subgraph(model, nodes, inputs, outputs, name):
@@ -346,28 +369,37 @@ def subgraph(model, nodes, inputs, outputs, name):
     new = helper.make_graph(
         nodes, name, [vis[i] for i in inputs], [vis[o] for o in outputs], inits,
         value_info=[v for v in g.value_info if v.name in read])
-    m = helper.make_model(new, opset_imports=model.opset_import, ir_version=model.ir_version)
-    return m
+    return helper.make_model(new, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
-def split(joint, params):
-    """(forward, backward, residuals). The forward holds the nodes `out_sample`
-    needs; the backward everything else the gradients need. Residuals are the
-    values the backward reads that the forward makes or that are inputs."""
+def dependents(nodes, sources):
+    """Every value computed from `sources`, and the ids of the nodes on the way."""
+    values, hit = set(sources), set()
+    for n in nodes:
+        if any(i in values for i in n.input if i):
+            values.update(n.output)
+            hit.add(id(n))
+    return values, hit
+
+
+def split(joint, grads):
+    """(forward, backward, residuals). The forward holds the nodes the primal
+    outputs need; the backward everything else the gradients need (constants,
+    which read no input, are copied into both). Residuals are the values the
+    backward reads that the forward makes."""
     g = joint.graph
-    grads = [grad_name(p) for p in params]
-    fwd_nodes = ancestors(g, [OUTPUT])
+    nodes = list(g.node)
+    primal = [o.name for o in g.output if o.name not in grads]
+    fwd_nodes = ancestors(nodes, primal)
     fwd_ids = {id(n) for n in fwd_nodes}
-    bwd_all = ancestors(g, grads)
-    # Nodes that read no graph input are constants: each graph gets its own copy.
     inputs = {i.name for i in g.input}
-    bwd_nodes = [n for n in bwd_all if id(n) not in fwd_ids or not _depends_on(g, n, inputs)]
+    _, live = dependents(nodes, inputs)
+    bwd_nodes = [n for n in ancestors(nodes, grads) if id(n) not in fwd_ids or id(n) not in live]
     made_fwd = {o for n in fwd_nodes for o in n.output}
     made_bwd = {o for n in bwd_nodes for o in n.output}
-    read_bwd = [i for n in bwd_nodes for i in n.input if i and i not in made_bwd]
     init_names = {t.name for t in g.initializer}
     residuals, graph_inputs = [], []
-    for v in dict.fromkeys(read_bwd):
+    for v in dict.fromkeys(i for n in bwd_nodes for i in n.input if i and i not in made_bwd):
         if v in init_names:
             continue
         if v in made_fwd:
@@ -378,27 +410,88 @@ def split(joint, params):
             raise SystemExit(f"backward reads '{v}', which nothing makes")
     read_fwd = {i for n in fwd_nodes for i in n.input}
     fwd_inputs = [i.name for i in g.input if i.name in read_fwd]
-    forward = subgraph(joint, fwd_nodes, fwd_inputs, [OUTPUT] + [r for r in residuals if r != OUTPUT], "unet_lora_forward")
-    bwd_inputs = [i.name for i in g.input if i.name in graph_inputs] + [r for r in residuals]
+    forward = subgraph(joint, fwd_nodes, fwd_inputs, primal + [r for r in residuals if r not in primal], "unet_lora_forward")
+    bwd_inputs = [i.name for i in g.input if i.name in graph_inputs] + residuals
     backward = subgraph(joint, bwd_nodes, bwd_inputs, grads, "unet_lora_backward")
-    return forward, backward, residuals
+    # A primal output the backward reads is passed as the output it already is.
+    return forward, backward, [r for r in residuals if r not in primal]
 
 
-_DEPENDS = {}
+# --------------------------------------------------------------------------- segments
+
+BLOCK = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)$")
 
 
-def _depends_on(g, node, inputs):
-    """Whether `node` reads a graph input, directly or through other nodes."""
-    key = id(g)
-    cache = _DEPENDS.setdefault(key, {})
-    if not cache:
-        live = set(inputs)
-        for n in g.node:
-            hit = any(i in live for i in n.input if i)
-            cache[id(n)] = hit
-            if hit:
-                live.update(n.output)
-    return cache[id(node)]
+def node_block(node):
+    """The top-level UNet block a node belongs to: from the TorchScript scope
+    (`/down_blocks.1/...`) or the dynamo exporter's name-scope metadata."""
+    if node.name.startswith("/"):
+        return node.name.split("/")[1]
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(p.value)
+            return scopes[1] if len(scopes) > 2 else None
+    return None
+
+
+def cut_points(model, k):
+    """k-1 node indices, each the first node of a UNet block, splitting the
+    graph into k parts of about equal node count."""
+    starts, seen = [], set()
+    for i, n in enumerate(model.graph.node):
+        b = node_block(n)
+        if b and BLOCK.match(b) and b not in seen:
+            seen.add(b)
+            starts.append(i)
+    starts = starts[1:]
+    if k - 1 > len(starts):
+        raise SystemExit(f"--segments {k}: the UNet has only {len(starts) + 1} block boundaries to cut at")
+    total, cuts = len(model.graph.node), []
+    for j in range(1, k):
+        free = [c for c in starts if not cuts or c > cuts[-1]]
+        free = free[: len(free) - (k - 1 - j)]  # leave room for the cuts still to come
+        cuts.append(min(free, key=lambda c: abs(c - total * j / k)))
+    return cuts
+
+
+def segment_models(model, cuts):
+    """The UNet cut at `cuts` into sub-models. A segment's inputs are the graph
+    inputs it reads and the activations earlier segments make; its outputs are
+    what later segments read (and `out_sample`). Constant nodes, which read no
+    graph input, are copied into every segment that needs them."""
+    g = model.graph
+    nodes = list(g.node)
+    inputs = [i.name for i in g.input]
+    _, live = dependents(nodes, inputs)
+    bounds = [0] + list(cuts) + [len(nodes)]
+    parts = [[n for n in nodes[bounds[s]:bounds[s + 1]] if id(n) in live] for s in range(len(bounds) - 1)]
+    seg_of = {o: s for s, part in enumerate(parts) for n in part for o in n.output}
+    reads = [{i for n in part for i in n.input if i} for part in parts]
+    out = []
+    for s, mine in enumerate(parts):
+        seg_inputs = [i for i in inputs if i in reads[s]]
+        seg_inputs += sorted(v for v in reads[s] if seg_of.get(v, s) < s)
+        later = set().union(*reads[s + 1:]) if s + 1 < len(reads) else set()
+        outputs = [v for v in dict.fromkeys(o for n in mine for o in n.output) if v in later or v == OUTPUT]
+        needed = {id(n) for n in ancestors_within(nodes, mine, live)}
+        seg_nodes = [n for n in nodes if id(n) in needed]
+        out.append((subgraph(model, seg_nodes, seg_inputs, outputs, f"unet_segment_{s}"), seg_inputs, outputs))
+    return out
+
+
+def ancestors_within(nodes, mine, live):
+    """`mine` plus the constant (not live) nodes that they depend on."""
+    prod = producers(nodes)
+    seen, stack, result = set(), [i for n in mine for i in n.input if i], list(mine)
+    while stack:
+        v = stack.pop()
+        n = prod.get(v)
+        if n is None or id(n) in live or id(n) in seen:
+            continue
+        seen.add(id(n))
+        result.append(n)
+        stack.extend(i for i in n.input if i)
+    return result
 
 
 # --------------------------------------------------------------------------- write
@@ -421,17 +514,19 @@ def io_list(vis):
     return out
 
 
-def build(unet_dir, out_dir, batch, h, w, seq, rank, alpha, suffixes, keep_names=False, log=print):
+def build_segment(seg, seg_inputs, outputs, params, param_dep, keep_names, log):
+    """One segment's forward/backward pair and its manifest entry (without
+    file names). A segment with no LoRA parameter and no gradient to pass on
+    has no backward."""
+    seg_params = [p for p in params if p in seg_inputs]
+    diff_inputs = [x for x in seg_inputs if x in param_dep and x not in params]
+    seeded = [o for o in outputs if o in param_dep]
+    entry = {"inputs": seg_inputs, "outputs": outputs, "params": seg_params}
+    if not seg_params and not diff_inputs:
+        return seg, None, dict(entry, residuals=[], backward_inputs=[], cotangents=[], input_grads=[])
     t0 = time.time()
-    info, targets = select_targets(os.path.join(unet_dir, "lora_targets.json"), suffixes)
-    fp16 = info["dtype"] == "float16"
-    model = load_fixed(unet_dir, batch, h, w, seq)
-    params = inject_lora(model, targets, rank, alpha, fp16)
-    model = infer(model)
-    log(f"injected {len(targets)} targets: {len(model.graph.node)} nodes ({time.time() - t0:.1f} s)")
-    joint = reverse(model, params)
-    log(f"reversed: {len(joint.graph.node)} nodes ({time.time() - t0:.1f} s)")
-    joint = plain_interface(joint, params, [batch, 4, h, w])
+    joint = reverse(seg, seg_params + diff_inputs, seeded)
+    joint = plain_interface(joint, seg_params, seeded, diff_inputs)
     fix_seed_dim(joint)
     dce(joint)
     joint = infer(joint)
@@ -439,17 +534,45 @@ def build(unet_dir, out_dir, batch, h, w, seq, rank, alpha, suffixes, keep_names
     if not keep_names:
         compact_names(joint)
     joint = infer(joint)
-    log(f"post-passes: {len(joint.graph.node)} nodes, {n_t2r} Transposes as Reshapes ({time.time() - t0:.1f} s)")
-    forward, backward, residuals = split(joint, params)
+    grads = [grad_name(p) for p in seg_params] + [input_grad_name(x) for x in diff_inputs]
+    forward, backward, residuals = split(joint, grads)
+    log(f"  segment: {len(seg_params)} params, {len(diff_inputs)} activation inputs, {n_t2r} Transposes as "
+        f"Reshapes; forward {len(forward.graph.node)} nodes, backward {len(backward.graph.node)} nodes, "
+        f"{len(residuals)} residuals ({time.time() - t0:.1f} s)")
+    return forward, backward, dict(
+        entry, residuals=residuals, backward_inputs=[i.name for i in backward.graph.input],
+        cotangents=[[o, cotangent_name(o)] for o in seeded],
+        input_grads=[[x, input_grad_name(x)] for x in diff_inputs])
+
+
+def build(unet_dir, out_dir, batch, h, w, seq, rank, alpha, suffixes, segments=1, keep_names=False, log=print):
+    t0 = time.time()
+    info, targets = select_targets(os.path.join(unet_dir, "lora_targets.json"), suffixes)
+    model = load_fixed(unet_dir, batch, h, w, seq)
+    params = inject_lora(model, targets, rank, alpha, info["dtype"] == "float16")
+    model = infer(model)
+    log(f"injected {len(targets)} targets: {len(model.graph.node)} nodes ({time.time() - t0:.1f} s)")
+    param_dep, _ = dependents(list(model.graph.node), params)
+    cuts = cut_points(model, segments) if segments > 1 else []
     os.makedirs(out_dir, exist_ok=True)
-    for m in (forward, backward):
-        rebase_external(m, WEIGHTS)
+    entries = []
+    for k, (seg, seg_inputs, outputs) in enumerate(segment_models(model, cuts)):
+        forward, backward, entry = build_segment(seg, seg_inputs, outputs, params, param_dep, keep_names, log)
+        suffix = "" if segments == 1 else f".{k}"
+        entry["forward"] = FORWARD.replace(".onnx", suffix + ".onnx")
+        entry["backward"] = BACKWARD.replace(".onnx", suffix + ".onnx") if backward else None
+        for m, name in ((forward, entry["forward"]), (backward, entry["backward"])):
+            if m is not None:
+                rebase_external(m, WEIGHTS)
+                # Every shape is static, so ONNX Runtime infers them again at
+                # load (no slower); the annotations were a third of the bytes.
+                del m.graph.value_info[:]
+                onnx.save(m, os.path.join(out_dir, name))
+        entries.append(entry)
     # A copy, not a symlink: ONNX Runtime refuses external data that resolves
     # outside the model's folder.
     shutil.copyfile(os.path.join(unet_dir, "model.onnx_data"), os.path.join(out_dir, WEIGHTS))
-    onnx.save(forward, os.path.join(out_dir, FORWARD))
-    onnx.save(backward, os.path.join(out_dir, BACKWARD))
-    unet_in = unet_inputs(forward)
+    shapes = {i.name: i for i in model.graph.input}
     manifest = {
         "format": FORMAT,
         "batch": batch,
@@ -461,24 +584,17 @@ def build(unet_dir, out_dir, batch, h, w, seq, rank, alpha, suffixes, keep_names
         "targets": [t["module"] for t in targets],
         "dtype": info["dtype"],
         "param_dtype": "float32",
-        "unet_inputs": io_list([i for i in forward.graph.input if i.name in unet_in and i.name not in params]),
+        "unet_inputs": io_list([shapes[n] for n in unet_inputs(model) if n not in params]),
         "output": OUTPUT,
         "cotangent": COTANGENT,
-        "segments": [{
-            "forward": FORWARD,
-            "backward": BACKWARD,
-            "residuals": residuals,
-            "backward_inputs": [i.name for i in backward.graph.input],
-        }],
+        "segments": entries,
         "params": [{"key": p, "grad": grad_name(p), "accum": accum_name(p),
-                    "shape": [d.dim_value for d in next(i for i in forward.graph.input if i.name == p).type.tensor_type.shape.dim]}
-                   for p in params],
+                    "shape": [d.dim_value for d in shapes[p].type.tensor_type.shape.dim]} for p in params],
         "weights": WEIGHTS,
     }
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
-    log(f"wrote {out_dir}: forward {len(forward.graph.node)} nodes, backward {len(backward.graph.node)} nodes, "
-        f"{len(residuals)} residuals ({time.time() - t0:.1f} s)")
+    log(f"wrote {out_dir}: {len(entries)} segment(s) ({time.time() - t0:.1f} s)")
     return manifest
 
 
@@ -498,12 +614,15 @@ def main(argv=None):
     ap.add_argument("--alpha", type=float, default=None, help="default: the rank")
     ap.add_argument("--targets", default=",".join(SPO_TARGETS),
                     help="module-path suffixes of the linear modules to train")
+    ap.add_argument("--segments", type=int, default=1,
+                    help="cut the UNet at block boundaries into K forward/backward pairs (gradient checkpointing)")
     ap.add_argument("--keep-names", action="store_true",
                     help="keep the UNet's value and node names (larger files; for profiling)")
     a = ap.parse_args(argv)
     h, w = parse_hw(a.latent)
     build(a.unet, a.out, a.batch, h, w, a.seq, a.rank, a.alpha if a.alpha is not None else float(a.rank),
-          tuple(a.targets.split(",")), keep_names=a.keep_names)
+          tuple(a.targets.split(",")), segments=a.segments,
+          keep_names=a.keep_names)
 
 
 if __name__ == "__main__":

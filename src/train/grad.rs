@@ -1,55 +1,68 @@
 //! The gradient runner: LoRA gradients of the UNet from an exported training
-//! folder (a forward graph that also returns residuals, and a backward graph
-//! that turns residuals plus a cotangent into parameter gradients).
+//! folder. Each segment (a run of UNet blocks; one by default) is a forward
+//! graph that also returns residuals, and a backward graph that turns the
+//! residuals plus the cotangents of the segment's outputs into parameter
+//! gradients and the gradients of its activation inputs.
 //!
-//! Everything the graphs exchange stays in ONNX Runtime values bound with
-//! IoBinding, allocated once where the sessions run (the device under CUDA):
-//! the LoRA parameters, the residuals, the UNet output and two gradient
-//! buffers. The backward graph adds its gradient to an accumulator input
-//! (`grad = accum + g`), so accumulation over calls is a swap of the two
-//! buffers, with no host round trip.
+//! Memory: everything the graphs exchange stays in ONNX Runtime values bound
+//! with IoBinding, allocated once where the sessions run (the device under
+//! CUDA): parameters, segment outputs, the last segment's residuals and two
+//! gradient buffers per parameter. The backward graph adds its gradient to an
+//! accumulator input (`grad = accum + g`), so accumulation over calls is a
+//! swap of the two buffers. The residuals of earlier segments are not kept:
+//! their forward is run again from the saved segment inputs just before their
+//! backward (gradient checkpointing), so activation memory is one segment's.
+//! Cotangents between segments are summed on the host (several later
+//! segments may read one activation).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use ndarray::ArrayD;
 use ort::value::DynTensor;
 
-use super::manifest::TrainManifest;
-use super::tensors::NamedTensors;
+use super::manifest::{Segment, TrainManifest};
+use super::tensors::{check_exact, NamedTensors};
 use crate::error::{Error, Result};
 use crate::model::graph::{OnnxGraph, WeightTarget};
 use crate::model::ModelFolder;
 use crate::runtime::session::{download, write_f32, Binding, DType, Graph, Input, IoSpec};
 use crate::runtime::Runtime;
 
-/// Where a backward-graph input comes from.
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    Cotangent,
-    Residual(usize),
-    UnetInput(usize),
-    Param(usize),
-    Accum(usize),
+/// One segment's sessions and device buffers.
+struct SegmentRunner {
+    entry: Segment,
+    forward: Graph,
+    backward: Option<Graph>,
+    /// This segment's parameters, in `entry.params` order, and their two
+    /// accumulators; `accum[current]` holds the running sum.
+    params: Vec<DynTensor>,
+    accum: [Vec<DynTensor>; 2],
+    current: usize,
+    /// Shapes of `params`, for zeroing.
+    shapes: Vec<Vec<usize>>,
+    /// The backward's `grad.<key>` outputs and `accum.<key>` inputs, in
+    /// `params` order.
+    grad_names: Vec<String>,
+    accum_names: Vec<String>,
+    /// Outputs (`entry.outputs` order), kept between forward and backward.
+    outputs: Vec<DynTensor>,
+    /// The residuals, kept only by the last segment; the others recompute.
+    residuals: Option<Vec<DynTensor>>,
+    input_grads: Vec<DynTensor>,
+    forward_binding: Binding,
 }
 
 /// Runs a training folder's graphs; see the module docs.
 pub struct GradRunner {
     dir: PathBuf,
     manifest: TrainManifest,
-    forward: Graph,
-    backward: Graph,
-    forward_binding: Binding,
-    /// `backward_bindings[p]` reads `accum[p]` and writes `accum[1 - p]`.
-    backward_bindings: [Binding; 2],
-    sources: Vec<(String, Source)>,
-    params: Vec<DynTensor>,
-    accum: [Vec<DynTensor>; 2],
-    /// Which accumulator holds the running sum.
-    current: usize,
-    residuals: Vec<DynTensor>,
-    out: DynTensor,
-    /// Whether the residuals are those of a forward with the current parameters.
+    segments: Vec<SegmentRunner>,
+    /// Parameter key -> (segment, index in that segment).
+    param_at: HashMap<String, (usize, usize)>,
+    /// The UNet inputs of the last forward, uploaded where the graphs run.
+    unet_inputs: HashMap<String, DynTensor>,
+    /// Whether the segment outputs are those of a forward with the current parameters.
     forwarded: bool,
     /// Backward calls since the last [`GradRunner::zero_grad`].
     accumulated: usize,
@@ -58,42 +71,46 @@ pub struct GradRunner {
 impl GradRunner {
     /// Loads `dir` (a training folder) on the runtime's execution providers.
     /// Its graphs must agree with its manifest; the error names what differs.
-    /// Parameters start at zero, gradients at zero.
+    /// Parameters and gradients start at zero.
     pub fn open(rt: &Runtime, dir: &Path) -> Result<GradRunner> {
         let manifest = TrainManifest::open(dir)?;
-        let seg = &manifest.segments[0];
-        let forward = Graph::load(rt, "train forward", &dir.join(&seg.forward))?;
-        let backward = Graph::load(rt, "train backward", &dir.join(&seg.backward))?;
-        check_graphs(&manifest, &forward, &backward)?;
-        let alloc_params = |g: &Graph| -> Result<Vec<DynTensor>> {
-            manifest.params.iter().map(|p| zeros(g, &p.shape)).collect()
-        };
-        let params = alloc_params(&forward)?;
-        let accum = [alloc_params(&backward)?, alloc_params(&backward)?];
-        let residuals = seg
-            .residuals
+        let last = manifest.segments.len() - 1;
+        let mut segments = Vec::with_capacity(manifest.segments.len());
+        for (i, entry) in manifest.segments.iter().enumerate() {
+            segments.push(SegmentRunner::open(rt, dir, &manifest, entry, i == last)?);
+        }
+        let param_at = segments
             .iter()
-            .map(|r| alloc_output(&forward, r))
-            .collect::<Result<Vec<_>>>()?;
-        let out = alloc_output(&forward, &manifest.output)?;
-        let sources = backward_sources(&manifest)?;
+            .enumerate()
+            .flat_map(|(s, seg)| {
+                seg.entry
+                    .params
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, k)| (k.clone(), (s, i)))
+            })
+            .collect::<HashMap<_, _>>();
+        if let Some(p) = manifest
+            .params
+            .iter()
+            .find(|p| !param_at.contains_key(&p.key))
+        {
+            return Err(Error::invalid_model(format!(
+                "{}: parameter '{}' belongs to no segment",
+                dir.display(),
+                p.key
+            )));
+        }
         let mut runner = GradRunner {
             dir: dir.to_owned(),
-            forward_binding: forward.binding()?,
-            backward_bindings: [backward.binding()?, backward.binding()?],
-            forward,
-            backward,
             manifest,
-            sources,
-            params,
-            accum,
-            current: 0,
-            residuals,
-            out,
+            segments,
+            param_at,
+            unet_inputs: HashMap::new(),
             forwarded: false,
             accumulated: 0,
         };
-        runner.bind_static()?;
+        runner.bind_boundaries()?;
         Ok(runner)
     }
 
@@ -105,37 +122,15 @@ impl GradRunner {
         &self.dir
     }
 
-    /// Binds what never changes between calls: parameters, residual and
-    /// output buffers, accumulators.
-    fn bind_static(&mut self) -> Result<()> {
-        let m = &self.manifest;
-        let fb = &mut self.forward_binding;
-        for (p, t) in m.params.iter().zip(&self.params) {
-            fb.input(&p.key, t)?;
-        }
-        fb.output(&m.output, &mut self.out)?;
-        for (name, t) in m.segments[0].residuals.iter().zip(&mut self.residuals) {
-            fb.output(name, t)?;
-        }
-        for parity in 0..2 {
-            let (read, write) = if parity == 0 {
-                let (a, b) = self.accum.split_at_mut(1);
-                (&a[0], &mut b[0])
-            } else {
-                let (a, b) = self.accum.split_at_mut(1);
-                (&b[0], &mut a[0])
-            };
-            let bb = &mut self.backward_bindings[parity];
-            for (name, src) in &self.sources {
-                match *src {
-                    Source::Residual(i) => bb.input(name, &self.residuals[i])?,
-                    Source::Param(i) => bb.input(name, &self.params[i])?,
-                    Source::Accum(i) => bb.input(name, &read[i])?,
-                    Source::Cotangent | Source::UnetInput(_) => {}
+    /// Binds each segment's inputs that earlier segments make (fixed buffers).
+    fn bind_boundaries(&mut self) -> Result<()> {
+        for s in 1..self.segments.len() {
+            let (before, after) = self.segments.split_at_mut(s);
+            let seg = &mut after[0];
+            for name in &seg.entry.inputs {
+                if let Some(t) = find_output(before, name) {
+                    seg.forward_binding.input(name, t)?;
                 }
-            }
-            for (p, t) in m.params.iter().zip(write.iter_mut()) {
-                bb.output(&p.grad, t)?;
             }
         }
         Ok(())
@@ -219,19 +214,20 @@ impl GradRunner {
                 .iter()
                 .map(|p| (p.key.as_str(), p.shape.as_slice())),
         );
-        super::tensors::check_exact(what, &tensors, &expected)?;
+        check_exact(what, &tensors, &expected)?;
         let cotangent = tensors.remove(&m.cotangent).expect("checked");
         let params: NamedTensors = m
             .params
             .iter()
             .map(|p| (p.key.clone(), tensors.remove(&p.key).expect("checked")))
             .collect();
+        let output = m.output.clone();
         self.set_params(&params)?;
         self.zero_grad()?;
         let out = self.forward(&tensors)?;
         self.backward(&cotangent)?;
         let mut result = self.grads()?;
-        result.insert(self.manifest.output.clone(), out);
+        result.insert(output, out);
         Ok(result)
     }
 
@@ -243,10 +239,14 @@ impl GradRunner {
             .iter()
             .map(|p| (p.key.as_str(), p.shape.as_slice()))
             .collect();
-        super::tensors::check_exact("LoRA parameters", params, &expected)?;
-        for (p, t) in self.manifest.params.iter().zip(&mut self.params) {
-            let a = params[&p.key].as_standard_layout();
-            write_f32(t, a.as_slice().expect("standard layout"))?;
+        check_exact("LoRA parameters", params, &expected)?;
+        for (key, value) in params {
+            let (s, i) = self.param_at[key];
+            let a = value.as_standard_layout();
+            write_f32(
+                &mut self.segments[s].params[i],
+                a.as_slice().expect("standard"),
+            )?;
         }
         self.forwarded = false;
         Ok(())
@@ -254,22 +254,19 @@ impl GradRunner {
 
     /// Resets the accumulated gradients to zero.
     pub fn zero_grad(&mut self) -> Result<()> {
-        for (p, t) in self
-            .manifest
-            .params
-            .iter()
-            .zip(&mut self.accum[self.current])
-        {
-            let n: usize = p.shape.iter().product();
-            write_f32(t, &vec![0.0; n])?;
+        for seg in &mut self.segments {
+            let cur = seg.current;
+            for (t, shape) in seg.accum[cur].iter_mut().zip(&seg.shapes) {
+                write_f32(t, &vec![0.0; shape.iter().product()])?;
+            }
         }
         self.accumulated = 0;
         Ok(())
     }
 
-    /// Runs the forward graph on the UNet inputs (exactly the manifest's
+    /// Runs the forward graphs on the UNet inputs (exactly the manifest's
     /// `unet_inputs`, by name) with the current parameters; returns the UNet
-    /// output and keeps the residuals for [`GradRunner::backward`].
+    /// output and keeps what [`GradRunner::backward`] needs.
     pub fn forward(&mut self, inputs: &NamedTensors) -> Result<ArrayD<f32>> {
         let expected: Vec<(&str, &[usize])> = self
             .manifest
@@ -277,24 +274,32 @@ impl GradRunner {
             .iter()
             .map(|i| (i.name.as_str(), i.shape.as_slice()))
             .collect();
-        super::tensors::check_exact("UNet inputs", inputs, &expected)?;
-        for (k, i) in self.manifest.unet_inputs.iter().enumerate() {
-            let v = self
-                .forward
-                .upload(&i.name, Input::F32(inputs[&i.name].clone()))?;
-            self.forward_binding.input(&i.name, &v)?;
-            for (name, src) in &self.sources {
-                if matches!(src, Source::UnetInput(j) if *j == k) {
-                    for b in &mut self.backward_bindings {
-                        b.input(name, &v)?;
-                    }
+        check_exact("UNet inputs", inputs, &expected)?;
+        self.forwarded = false;
+        let first = &self.segments[0].forward;
+        self.unet_inputs = self
+            .manifest
+            .unet_inputs
+            .iter()
+            .map(|i| {
+                Ok((
+                    i.name.clone(),
+                    first.upload(&i.name, Input::F32(inputs[&i.name].clone()))?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        for seg in &mut self.segments {
+            for name in &seg.entry.inputs {
+                if let Some(t) = self.unet_inputs.get(name) {
+                    seg.forward_binding.input(name, t)?;
                 }
             }
+            seg.forward
+                .run_values(&mut seg.forward_binding, Vec::new(), None)?;
         }
-        self.forward
-            .run_values(&mut self.forward_binding, Vec::new(), None)?;
         self.forwarded = true;
-        download(&self.out)
+        let last = self.segments.last().expect("non-empty");
+        download(find_output(std::slice::from_ref(last), &self.manifest.output).expect("checked"))
     }
 
     /// Adds the gradient of `sum(cotangent * out_sample)` for the last
@@ -312,14 +317,26 @@ impl GradRunner {
                 cotangent.shape()
             )));
         }
-        let name = self.manifest.cotangent.clone();
-        let b = &mut self.backward_bindings[self.current];
-        self.backward.run_values(
-            b,
-            vec![(name.as_str(), Input::F32(cotangent.clone()))],
-            None,
-        )?;
-        self.current = 1 - self.current;
+        // Cotangents of segment outputs, summed over the segments that read them.
+        let mut cots: HashMap<String, ArrayD<f32>> = HashMap::new();
+        cots.insert(self.manifest.output.clone(), cotangent.clone());
+        for s in (0..self.segments.len()).rev() {
+            let (before, rest) = self.segments.split_at_mut(s);
+            let seg = &mut rest[0];
+            if seg.backward.is_none() {
+                continue;
+            }
+            seg.run_backward(before, &self.unet_inputs, &cots)?;
+            for ((x, _), t) in seg.entry.input_grads.iter().zip(&seg.input_grads) {
+                let g = download(t)?;
+                match cots.get_mut(x) {
+                    Some(sum) => *sum += &g,
+                    None => {
+                        cots.insert(x.clone(), g);
+                    }
+                }
+            }
+        }
         self.accumulated += 1;
         Ok(())
     }
@@ -334,9 +351,212 @@ impl GradRunner {
         self.manifest
             .params
             .iter()
-            .zip(&self.accum[self.current])
-            .map(|(p, t)| Ok((p.key.clone(), download(t)?)))
+            .map(|p| {
+                let (s, i) = self.param_at[&p.key];
+                let seg = &self.segments[s];
+                Ok((p.key.clone(), download(&seg.accum[seg.current][i])?))
+            })
             .collect()
+    }
+}
+
+impl SegmentRunner {
+    fn open(
+        rt: &Runtime,
+        dir: &Path,
+        m: &TrainManifest,
+        entry: &Segment,
+        keep_residuals: bool,
+    ) -> Result<SegmentRunner> {
+        let forward = Graph::load(rt, "train forward", &dir.join(&entry.forward))?;
+        let backward = match &entry.backward {
+            Some(b) => Some(Graph::load(rt, "train backward", &dir.join(b))?),
+            None => None,
+        };
+        check_graphs(entry, &forward, backward.as_ref())?;
+        let specs: Vec<_> = entry
+            .params
+            .iter()
+            .map(|k| m.params.iter().find(|p| p.key == *k).expect("checked"))
+            .collect();
+        let shapes: Vec<Vec<usize>> = specs.iter().map(|p| p.shape.clone()).collect();
+        let alloc =
+            |g: &Graph| -> Result<Vec<DynTensor>> { shapes.iter().map(|s| zeros(g, s)).collect() };
+        let params = alloc(&forward)?;
+        let accum = match &backward {
+            Some(b) => [alloc(b)?, alloc(b)?],
+            None => [Vec::new(), Vec::new()],
+        };
+        let outputs = alloc_outputs(&forward, &entry.outputs)?;
+        let residuals = match keep_residuals {
+            true => Some(alloc_outputs(&forward, &entry.residuals)?),
+            false => None,
+        };
+        let input_grads = match &backward {
+            Some(b) => alloc_outputs(b, entry.input_grads.iter().map(|(_, g)| g))?,
+            None => Vec::new(),
+        };
+        let mut seg = SegmentRunner {
+            grad_names: specs.iter().map(|p| p.grad.clone()).collect(),
+            accum_names: specs.iter().map(|p| p.accum.clone()).collect(),
+            forward_binding: forward.binding()?,
+            entry: entry.clone(),
+            forward,
+            backward,
+            params,
+            accum,
+            current: 0,
+            shapes,
+            outputs,
+            residuals,
+            input_grads,
+        };
+        seg.bind_forward_static()?;
+        Ok(seg)
+    }
+
+    /// Parameters and output buffers (and kept residuals) of the forward.
+    fn bind_forward_static(&mut self) -> Result<()> {
+        let b = &mut self.forward_binding;
+        for (k, t) in self.entry.params.iter().zip(&self.params) {
+            b.input(k, t)?;
+        }
+        for (name, t) in self.entry.outputs.iter().zip(&mut self.outputs) {
+            b.output(name, t)?;
+        }
+        if let Some(res) = &mut self.residuals {
+            for (name, t) in self.entry.residuals.iter().zip(res) {
+                b.output(name, t)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs this segment's backward (after recomputing its forward when its
+    /// residuals were not kept), writing `accum[1 - current]` and the input
+    /// gradients.
+    fn run_backward(
+        &mut self,
+        before: &[SegmentRunner],
+        unet_inputs: &HashMap<String, DynTensor>,
+        cots: &HashMap<String, ArrayD<f32>>,
+    ) -> Result<()> {
+        let recomputed = match &self.residuals {
+            Some(_) => None,
+            None => Some(self.recompute(before, unet_inputs)?),
+        };
+        let residuals = recomputed
+            .as_ref()
+            .or(self.residuals.as_ref())
+            .expect("one");
+        let graph = self.backward.as_mut().expect("checked by caller");
+        let mut b = graph.binding()?;
+        let (read, write) = split_pair(&mut self.accum, self.current);
+        for name in &self.entry.backward_inputs {
+            if self.entry.cotangents.iter().any(|(_, c)| c == name) {
+                continue;
+            }
+            let value = lookup(
+                &self.entry,
+                name,
+                residuals,
+                &self.params,
+                read,
+                &self.accum_names,
+            )
+            .or_else(|| unet_inputs.get(name))
+            .or_else(|| find_output(before, name))
+            .or_else(|| find_in(&self.entry.outputs, &self.outputs, name))
+            .ok_or_else(|| unknown_input(&self.entry, name))?;
+            b.input(name, value)?;
+        }
+        for (name, t) in self.grad_names.iter().zip(write.iter_mut()) {
+            b.output(name, t)?;
+        }
+        for ((_, name), t) in self.entry.input_grads.iter().zip(&mut self.input_grads) {
+            b.output(name, t)?;
+        }
+        let mut host = Vec::new();
+        for (o, input) in &self.entry.cotangents {
+            let c = cots.get(o).cloned().ok_or_else(|| {
+                Error::invalid_model(format!("no cotangent reaches segment output '{o}'"))
+            })?;
+            host.push((input.as_str(), Input::F32(c)));
+        }
+        graph.run_values(&mut b, host, None)?;
+        self.current = 1 - self.current;
+        Ok(())
+    }
+
+    /// Runs the forward again from the saved inputs, into fresh residual
+    /// buffers that live only until this segment's backward has run (a
+    /// binding of its own, so that nothing else holds them).
+    fn recompute(
+        &mut self,
+        before: &[SegmentRunner],
+        unet_inputs: &HashMap<String, DynTensor>,
+    ) -> Result<Vec<DynTensor>> {
+        let mut b = self.forward.binding()?;
+        for name in &self.entry.inputs {
+            let value = find_in(&self.entry.params, &self.params, name)
+                .or_else(|| unet_inputs.get(name))
+                .or_else(|| find_output(before, name))
+                .ok_or_else(|| unknown_input(&self.entry, name))?;
+            b.input(name, value)?;
+        }
+        for (name, t) in self.entry.outputs.iter().zip(&mut self.outputs) {
+            b.output(name, t)?;
+        }
+        let mut res = alloc_outputs(&self.forward, &self.entry.residuals)?;
+        for (name, t) in self.entry.residuals.iter().zip(&mut res) {
+            b.output(name, t)?;
+        }
+        self.forward.run_values(&mut b, Vec::new(), None)?;
+        Ok(res)
+    }
+}
+
+/// A backward input that this segment holds: a residual, a parameter or an
+/// accumulator.
+fn lookup<'a>(
+    entry: &Segment,
+    name: &str,
+    residuals: &'a [DynTensor],
+    params: &'a [DynTensor],
+    accum: &'a [DynTensor],
+    accum_names: &[String],
+) -> Option<&'a DynTensor> {
+    find_in(&entry.residuals, residuals, name)
+        .or_else(|| find_in(&entry.params, params, name))
+        .or_else(|| find_in(accum_names, accum, name))
+}
+
+fn unknown_input(entry: &Segment, name: &str) -> Error {
+    Error::invalid_model(format!(
+        "segment {}: input '{name}' is neither a UNet input, a parameter, an accumulator, a \
+         residual nor an earlier segment's output",
+        entry.forward
+    ))
+}
+
+fn find_in<'a>(names: &[String], values: &'a [DynTensor], name: &str) -> Option<&'a DynTensor> {
+    names.iter().position(|n| n == name).map(|i| &values[i])
+}
+
+/// The output buffer called `name` of one of `segments`.
+fn find_output<'a>(segments: &'a [SegmentRunner], name: &str) -> Option<&'a DynTensor> {
+    segments
+        .iter()
+        .find_map(|s| find_in(&s.entry.outputs, &s.outputs, name))
+}
+
+/// (`pair[current]`, `pair[1 - current]`).
+fn split_pair<T>(pair: &mut [Vec<T>; 2], current: usize) -> (&Vec<T>, &mut Vec<T>) {
+    let (a, b) = pair.split_at_mut(1);
+    if current == 0 {
+        (&a[0], &mut b[0])
+    } else {
+        (&b[0], &mut a[0])
     }
 }
 
@@ -346,69 +566,52 @@ fn zeros(g: &Graph, shape: &[usize]) -> Result<DynTensor> {
     Ok(t)
 }
 
-/// A buffer for output `name` of `g`, whose shape the graph must fix.
-fn alloc_output(g: &Graph, name: &str) -> Result<DynTensor> {
-    let spec = g.require_output(&[name])?;
-    let shape: Option<Vec<usize>> = (0..spec.shape.len()).map(|i| spec.fixed_dim(i)).collect();
-    let shape = shape.ok_or_else(|| {
-        Error::invalid_model(format!(
-            "{} ({}): output {} has no fixed shape; training graphs are exported at fixed shapes",
-            g.component,
-            g.path.display(),
-            spec.describe()
-        ))
-    })?;
-    g.alloc(spec.dtype, &shape)
-}
-
-/// Resolves every backward input to what feeds it.
-fn backward_sources(m: &TrainManifest) -> Result<Vec<(String, Source)>> {
-    let seg = &m.segments[0];
-    seg.backward_inputs
-        .iter()
+/// Buffers for outputs `names` of `g`, whose shapes the graph must fix.
+fn alloc_outputs<'a>(
+    g: &Graph,
+    names: impl IntoIterator<Item = &'a String>,
+) -> Result<Vec<DynTensor>> {
+    names
+        .into_iter()
         .map(|name| {
-            let pos = |mut v: Box<dyn Iterator<Item = &String> + '_>| v.position(|n| n == name);
-            let src = if *name == m.cotangent {
-                Source::Cotangent
-            } else if let Some(i) = pos(Box::new(seg.residuals.iter())) {
-                Source::Residual(i)
-            } else if let Some(i) = pos(Box::new(m.unet_inputs.iter().map(|i| &i.name))) {
-                Source::UnetInput(i)
-            } else if let Some(i) = pos(Box::new(m.params.iter().map(|p| &p.key))) {
-                Source::Param(i)
-            } else if let Some(i) = pos(Box::new(m.params.iter().map(|p| &p.accum))) {
-                Source::Accum(i)
-            } else {
-                return Err(Error::invalid_model(format!(
-                    "backward input '{name}' is neither the cotangent, a residual, a UNet input, \
-                     a parameter nor an accumulator"
-                )));
-            };
-            Ok((name.clone(), src))
+            let spec = g.require_output(&[name])?;
+            let shape: Option<Vec<usize>> =
+                (0..spec.shape.len()).map(|i| spec.fixed_dim(i)).collect();
+            let shape = shape.ok_or_else(|| {
+                Error::invalid_model(format!(
+                    "{} ({}): output {} has no fixed shape; training graphs are exported at fixed \
+                     shapes",
+                    g.component,
+                    g.path.display(),
+                    spec.describe()
+                ))
+            })?;
+            g.alloc(spec.dtype, &shape)
         })
         .collect()
 }
 
-/// The graphs' inputs and outputs must be the ones the manifest lists.
-fn check_graphs(m: &TrainManifest, forward: &Graph, backward: &Graph) -> Result<()> {
-    for i in &m.unet_inputs {
-        forward.require_input(&i.name)?;
+/// A segment's graphs must have the inputs and outputs its entry lists.
+fn check_graphs(entry: &Segment, forward: &Graph, backward: Option<&Graph>) -> Result<()> {
+    for name in &entry.inputs {
+        forward.require_input(name)?;
     }
-    for p in &m.params {
-        forward.require_input(&p.key)?;
-        backward.require_output(&[&p.grad])?;
+    for name in entry.outputs.iter().chain(&entry.residuals) {
+        forward.require_output(&[name])?;
     }
-    forward.require_output(&[&m.output])?;
-    for r in &m.segments[0].residuals {
-        forward.require_output(&[r])?;
-    }
-    for name in &m.segments[0].backward_inputs {
+    let Some(backward) = backward else {
+        return Ok(());
+    };
+    for name in &entry.backward_inputs {
         backward.require_input(name)?;
+    }
+    for (_, g) in &entry.input_grads {
+        backward.require_output(&[g])?;
     }
     if let Some(extra) = backward
         .inputs
         .iter()
-        .find(|i| !m.segments[0].backward_inputs.contains(&i.name))
+        .find(|i| !entry.backward_inputs.contains(&i.name))
     {
         return Err(Error::invalid_model(format!(
             "{}: input {} is not in the manifest's backward_inputs",

@@ -16,6 +16,8 @@ pub const MANIFEST_FILE: &str = "train_manifest.json";
 pub const FORMAT: u32 = 1;
 /// A manifest larger than this is refused unread (the SDXL one is ~1 MB).
 const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+/// Segments a folder may have (SDXL has 9 top-level blocks).
+const MAX_SEGMENTS: usize = 64;
 /// Elements in any one tensor the manifest declares (2^31: 8 GiB of f32).
 const MAX_ELEMENTS: usize = 1 << 31;
 
@@ -37,14 +39,26 @@ pub struct Param {
     pub shape: Vec<usize>,
 }
 
-/// One forward/backward pair.
+/// One forward/backward pair: a run of UNet blocks.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Segment {
     pub forward: String,
-    pub backward: String,
-    /// Forward outputs that the backward reads, besides graph inputs.
+    /// None when the segment has neither LoRA parameters nor a gradient to
+    /// pass on (blocks before the first target).
+    pub backward: Option<String>,
+    /// Forward inputs: UNet inputs, earlier segments' outputs, parameters.
+    pub inputs: Vec<String>,
+    /// What later segments read, and `out_sample` for the last.
+    pub outputs: Vec<String>,
+    /// The parameters (PEFT keys) this segment holds.
+    pub params: Vec<String>,
+    /// Extra forward outputs that the backward reads.
     pub residuals: Vec<String>,
     pub backward_inputs: Vec<String>,
+    /// (forward output, the backward input taking its cotangent).
+    pub cotangents: Vec<(String, String)>,
+    /// (activation input, the backward output with its gradient).
+    pub input_grads: Vec<(String, String)>,
 }
 
 /// A parsed and checked `train_manifest.json`.
@@ -98,10 +112,9 @@ impl TrainManifest {
                 self.format
             )));
         }
-        if self.segments.len() != 1 {
-            return Err(Error::unsupported(format!(
-                "{} segments: this runtime runs single-segment training folders (export with \
-                 the default --segments 1)",
+        if self.segments.is_empty() || self.segments.len() > MAX_SEGMENTS {
+            return Err(Error::invalid_model(format!(
+                "{} segments (1 to {MAX_SEGMENTS} are valid)",
                 self.segments.len()
             )));
         }
@@ -116,7 +129,26 @@ impl TrainManifest {
         }
         for s in &self.segments {
             plain_file_name(&s.forward)?;
-            plain_file_name(&s.backward)?;
+            if let Some(b) = &s.backward {
+                plain_file_name(b)?;
+            }
+            if let Some(p) = s
+                .params
+                .iter()
+                .find(|p| !self.params.iter().any(|q| q.key == **p))
+            {
+                return Err(Error::invalid_model(format!(
+                    "segment {} holds parameter '{p}', which the manifest does not list",
+                    s.forward
+                )));
+            }
+        }
+        let last = self.segments.last().expect("non-empty");
+        if !last.outputs.contains(&self.output) {
+            return Err(Error::invalid_model(format!(
+                "the last segment ({}) does not output '{}'",
+                last.forward, self.output
+            )));
         }
         plain_file_name(&self.weights)?;
         for p in &self.params {
