@@ -110,3 +110,4 @@ clean:
 bench: build
 	bash scripts/bench.sh --model tests/fixtures/tiny-sd15 --steps 20 --repeats 5
 	bash scripts/bench.sh --model tests/fixtures/tiny-sdxl --steps 20 --repeats 5
+	bash scripts/bench_grad.sh --repeats 5 --rounds 2

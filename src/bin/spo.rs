@@ -14,7 +14,7 @@ use spo_runtime::lora::ModelGraphs;
 use spo_runtime::pipeline::{JobSpec, Lora, LoraMode, Pipeline, StepMath};
 use spo_runtime::runtime::{LogLevel, Logger};
 use spo_runtime::text::LongPrompt;
-use spo_runtime::train::{tensors, GradRunner};
+use spo_runtime::train::{check, tensors, GradRunner};
 use spo_runtime::{Error, Options, Result, Runtime};
 
 #[derive(Parser)]
@@ -68,15 +68,26 @@ struct Grad {
     /// A training folder (train_manifest.json and its graphs).
     #[arg(long)]
     train_dir: PathBuf,
-    /// safetensors with the UNet inputs, `cotangent` and the LoRA parameters.
+    /// safetensors with the UNet inputs, `cotangent` and the LoRA parameters
+    /// (default: seeded random ones of the manifest's shapes).
     #[arg(long)]
-    inputs: PathBuf,
+    inputs: Option<PathBuf>,
     /// Where to write `out_sample` and the gradients (safetensors).
     #[arg(long)]
-    out: PathBuf,
+    out: Option<PathBuf>,
     /// Also check the training folder against this model folder's UNet.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Check the gradients along N random directions by finite differences.
+    #[arg(long, default_value_t = 0)]
+    fd_directions: u32,
+    /// The finite-difference step (times a unit normal per parameter); too
+    /// large a step shows curvature, too small one float round-off.
+    #[arg(long, default_value_t = 1e-3)]
+    fd_step: f32,
+    /// Seed of the random inputs and directions.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     #[command(flatten)]
     rt: RuntimeArgs,
 }
@@ -333,18 +344,48 @@ fn grad(g: Grad) -> Result<()> {
     let rt = runtime(&g.rt)?;
     let t0 = std::time::Instant::now();
     let mut runner = GradRunner::open(&rt, &g.train_dir)?;
+    println!(
+        "loaded {} in {:.2}s",
+        g.train_dir.display(),
+        t0.elapsed().as_secs_f64()
+    );
     if let Some(model) = &g.model {
         runner.check_model(&rt, model)?;
     }
-    let inputs = tensors::read(&g.inputs)?;
-    let result = runner.run_contract(&g.inputs.display().to_string(), inputs)?;
-    tensors::write(&g.out, &result)?;
+    let inputs = match &g.inputs {
+        Some(path) => tensors::read(path)?,
+        None => check::random_inputs(&runner, g.seed, 0.05),
+    };
+    let what = g
+        .inputs
+        .as_ref()
+        .map_or("random inputs".into(), |p| p.display().to_string());
+    let t1 = std::time::Instant::now();
+    let result = runner.run_contract(&what, inputs.clone())?;
     println!(
-        "wrote {} ({} gradients) in {:.2}s",
-        g.out.display(),
+        "forward+backward: {} gradients in {:.2}s",
         result.len() - 1,
-        t0.elapsed().as_secs_f64()
+        t1.elapsed().as_secs_f64()
     );
+    if let Some(out) = &g.out {
+        tensors::write(out, &result)?;
+        println!("wrote {}", out.display());
+    }
+    for k in 0..g.fd_directions {
+        let c = check::directional(
+            &mut runner,
+            &inputs,
+            &result,
+            g.seed + 1 + k as u64,
+            g.fd_step,
+        )?;
+        println!(
+            "direction {k}: gradient {:.6e}, finite differences {:.6e}, relative error {:.2e}",
+            c.analytic,
+            c.numeric,
+            c.relative_error()
+        );
+    }
     Ok(())
 }
 
