@@ -38,11 +38,12 @@ use std::sync::Arc;
 
 use ndarray::Array2;
 use spo_runtime::lora::merge;
+use spo_runtime::lora::WeightLayout;
 use spo_runtime::lora::{
     merged_overrides, resolve, Component, LoraFile, LoraKind, LoraModule, MergeOptions,
     ModelGraphs, OverrideData, Tensor, UnetLayout,
 };
-use spo_runtime::model::{OnnxGraph, WeightLayout};
+use spo_runtime::model::OnnxGraph;
 use spo_runtime::pipeline::lora::override_value;
 use spo_runtime::runtime::session::{f32_input, Graph};
 use spo_runtime::runtime::{LogLevel, Logger};

@@ -18,8 +18,9 @@ use std::collections::BTreeMap;
 
 use common::*;
 use prost::Message;
+use spo_runtime::lora::{GraphTargets, WeightLayout};
 use spo_runtime::model::onnx_proto::ModelProto;
-use spo_runtime::model::{OnnxGraph, WeightLayout};
+use spo_runtime::model::OnnxGraph;
 use spo_runtime::pipeline::{Pipeline, StepMath};
 use spo_runtime::Options;
 
@@ -70,7 +71,8 @@ fn targets_from_name_scopes(model: &str) {
         path.display()
     );
     let g = OnnxGraph::from_bytes(&bytes, &path).unwrap();
-    let targets = g.lora_targets().unwrap();
+    let discovered = GraphTargets::discover(&g).unwrap();
+    let targets = discovered.lora_targets().unwrap();
     let manifest = read_json(&dir.join("lora_targets.json"));
     let modules = manifest["modules"].as_array().unwrap();
     assert!(manifest["missing"].as_array().unwrap().is_empty());

@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
+use spo_runtime::lora::{GraphTargets, WeightLayout};
 use spo_runtime::model::onnx_proto::{data_type, ModelProto, NodeProto, TensorProto};
-use spo_runtime::model::{OnnxGraph, WeightLayout};
+use spo_runtime::model::OnnxGraph;
 use spo_runtime::ErrorCode;
 
 fn fixtures() -> PathBuf {
@@ -57,7 +58,8 @@ fn torch_weights() -> BTreeMap<String, Vec<f32>> {
 fn check_export(sub: &str, expect_inout: bool) {
     let path = fixtures().join("tiny_unet").join(sub).join("model.onnx");
     let g = OnnxGraph::open(&path).unwrap();
-    let targets = g.lora_targets().unwrap();
+    let discovered = GraphTargets::discover(&g).unwrap();
+    let targets = discovered.lora_targets().unwrap();
     let params = params();
     let weights = torch_weights();
     assert_eq!(
@@ -163,8 +165,12 @@ fn fp16_and_bf16_inline_initializers() {
         let p = dir.join(format!("{name}.onnx"));
         std::fs::write(&p, m.encode_to_vec()).unwrap();
         let h = OnnxGraph::open(&p).unwrap();
-        assert_eq!(h.targets().len(), g.targets().len());
-        for t in g.targets().values() {
+        let (gt, ht) = (
+            GraphTargets::discover(&g).unwrap(),
+            GraphTargets::discover(&h).unwrap(),
+        );
+        assert_eq!(ht.all().len(), gt.all().len());
+        for t in gt.all().values() {
             let (_, a) = g.read_f32(&t.initializer).unwrap();
             let (_, b) = h.read_f32(&t.initializer).unwrap();
             for (x, y) in a.iter().zip(&b) {
@@ -316,7 +322,10 @@ fn packed_qkv_is_refused_with_export_advice() {
     ];
     for (i, b) in cases.iter().enumerate() {
         let g = OnnxGraph::from_bytes(b, Path::new("packed/model.onnx")).unwrap();
-        let e = g.lora_targets().unwrap_err();
+        let e = GraphTargets::discover(&g)
+            .unwrap()
+            .lora_targets()
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidModel, "case {i}");
         assert!(
             e.message.contains("spo_onnx.export") && e.message.contains("packed/model.onnx"),
@@ -345,7 +354,8 @@ fn packed_qkv_is_refused_with_export_advice() {
         ],
     );
     let g = OnnxGraph::from_bytes(&b, Path::new("ok/model.onnx")).unwrap();
-    let t = g.lora_targets().unwrap();
+    let discovered = GraphTargets::discover(&g).unwrap();
+    let t = discovered.lora_targets().unwrap();
     assert_eq!(
         t["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"].layout,
         WeightLayout::LinearInOut
@@ -360,7 +370,7 @@ fn packed_qkv_is_refused_with_export_advice() {
 
 #[test]
 fn torchscript_scope_normalisation() {
-    use spo_runtime::model::graph::{dynamo_scope, torchscript_scope};
+    use spo_runtime::lora::targets::{dynamo_scope, torchscript_scope};
     assert_eq!(
         torchscript_scope("/down_blocks.1/attentions.0/transformer_blocks.0/ff/net.0/proj/MatMul")
             .as_deref(),
@@ -384,17 +394,19 @@ fn manifest_cross_check() {
         std::fs::copy(fixtures().join("tiny_unet/ts").join(f), dir.join(f)).unwrap();
     }
     let good = OnnxGraph::open(dir.join("model.onnx")).unwrap();
-    let t = &good.targets()["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"];
+    let good_targets = GraphTargets::discover(&good).unwrap();
+    let t = &good_targets.all()["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"];
     let entry = |layout: &str| {
         format!(
             r#"[{{"module":"{}","initializer":"{}","layout":"{layout}"}}]"#,
             t.module, t.initializer
         )
     };
+    let discover = || GraphTargets::discover(&OnnxGraph::open(dir.join("model.onnx")).unwrap());
     std::fs::write(dir.join("lora_targets.json"), entry("LinearInOut")).unwrap();
-    OnnxGraph::open(dir.join("model.onnx")).unwrap();
+    discover().unwrap();
     std::fs::write(dir.join("lora_targets.json"), entry("LinearOutIn")).unwrap();
-    let e = OnnxGraph::open(dir.join("model.onnx")).unwrap_err();
+    let e = discover().unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidModel);
     assert!(
         e.message.contains("lora_targets.json") && e.message.contains(&t.module),

@@ -12,7 +12,7 @@ use spo_runtime::lora::{
     resolve, Component, LoraFile, LoraFormat, LoraKind, LoraModule, ModelTargets, TargetSet,
     Tensor, UnetDialect, UnetLayout,
 };
-use spo_runtime::model::{WeightLayout, WeightTarget};
+use spo_runtime::lora::{WeightLayout, WeightTarget};
 use spo_runtime::ErrorCode;
 
 fn fixtures() -> PathBuf {

@@ -6,11 +6,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use spo_runtime::lora::WeightLayout;
 use spo_runtime::lora::{
     merge, merged_overrides, Component, LoraFile, LoraFormat, MergeOptions, ModelGraphs,
     OverrideData, UnetDialect, UnetLayout,
 };
-use spo_runtime::model::{OnnxGraph, WeightLayout};
+use spo_runtime::model::OnnxGraph;
 
 mod common;
 

@@ -519,7 +519,12 @@ def _uninstall_slots(modules):
 
 
 def slot_input_names(path):
+    """The slot inputs of a module (src/lora/slots.rs reads the same names)."""
     return f"lora.{path}.down", f"lora.{path}.up"
+
+
+def is_slot_input(name):
+    return name.startswith("lora.") and name.endswith((".down", ".up"))
 
 
 def export_unet(unet, out_dir, sdxl, dtype, opset, dynamo, batch, static_hw, lora_slots, text_embeds_dim=None, trace_hw=None):

@@ -35,6 +35,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .export import annotate_symbolic_shapes, is_slot_input
+
 MANIFEST = "train_manifest.json"
 FORMAT = 1
 FORWARD = "forward.onnx"
@@ -64,7 +66,7 @@ def accum_name(key):
 
 
 def unet_inputs(model):
-    return [i.name for i in model.graph.input if not i.name.startswith("lora.")]
+    return [i.name for i in model.graph.input if not is_slot_input(i.name)]
 
 
 def fixed_dims(name, batch, h, w, seq, cross_dim, text_embeds_dim):
@@ -83,7 +85,7 @@ def load_fixed(unet_dir, batch, h, w, seq):
     model = onnx.load(os.path.join(unet_dir, "model.onnx"), load_external_data=False)
     del model.graph.value_info[:]
     for vi in model.graph.input:
-        if vi.name.startswith("lora."):
+        if is_slot_input(vi.name):
             continue  # slot inputs stay zero initializers
         dims = vi.type.tensor_type.shape.dim
         known = [d.dim_value for d in dims]
@@ -97,7 +99,7 @@ def load_fixed(unet_dir, batch, h, w, seq):
             d.Clear()
             d.dim_value = v
     # Slot inputs of a slots UNet become plain constants (their zero defaults).
-    slot_inputs = {i.name for i in model.graph.input if i.name.startswith("lora.")}
+    slot_inputs = {i.name for i in model.graph.input if is_slot_input(i.name)}
     keep = [i for i in model.graph.input if i.name not in slot_inputs]
     del model.graph.input[:]
     model.graph.input.extend(keep)
@@ -416,8 +418,6 @@ def infer(model):
     model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     if any(d.dim_param or not d.HasField("dim_value") for v in model.graph.value_info
            for d in v.type.tensor_type.shape.dim):
-        from .export import annotate_symbolic_shapes
-
         annotate_symbolic_shapes(model)
     return model
 

@@ -13,7 +13,7 @@
 use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
 
 use super::format::{LoraKind, LoraModule, Tensor};
-use crate::model::WeightLayout;
+use super::targets::WeightLayout;
 
 /// Largest value of f16.
 pub const F16_MAX: f32 = 65504.0;

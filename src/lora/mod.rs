@@ -1,5 +1,6 @@
 //! Runtime LoRA: file formats ([`format`]), key resolution against the ONNX graph
-//! ([`keys`], [`resolve`]) and merge math ([`merge`]). [`merged_overrides`]
+//! ([`targets`], [`keys`], [`resolve`]), merge math ([`merge`]) and the slots UNet's input
+//! names ([`slots`]). [`merged_overrides`]
 //! turns a set of `(LoraFile, multiplier)` into new initializer tensors for
 //! ONNX Runtime initializer overrides.
 
@@ -7,6 +8,8 @@ pub mod format;
 pub mod keys;
 pub mod merge;
 pub mod resolve;
+pub mod slots;
+pub mod targets;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +17,7 @@ use std::path::{Path, PathBuf};
 pub use format::{LoraFile, LoraFormat, LoraKind, LoraModule, Tensor, UnetDialect};
 pub use keys::{AliasTable, Component, UnetLayout};
 pub use resolve::{resolve, Match, ModelTargets, Resolution, TargetSet};
+pub use targets::{GraphTargets, WeightLayout, WeightTarget};
 
 use crate::error::{Error, Result};
 use crate::model::onnx_proto::data_type;

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 
 use super::format::{LoraFile, LoraKind, LoraModule};
 use super::keys::{AliasTable, Component, UnetLayout};
+use super::targets::{GraphTargets, WeightLayout, WeightTarget};
 use crate::error::{Error, Result};
-use crate::model::{OnnxGraph, WeightLayout, WeightTarget};
+use crate::model::OnnxGraph;
 
 /// The merge targets of one component (from a graph, or from a structure dump).
 #[derive(Debug, Clone)]
@@ -29,7 +30,7 @@ impl TargetSet {
     ) -> Result<TargetSet> {
         Ok(TargetSet {
             component,
-            targets: graph.lora_targets()?.clone(),
+            targets: GraphTargets::discover(graph)?.lora_targets()?.clone(),
             layout,
         })
     }

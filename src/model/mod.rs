@@ -7,4 +7,4 @@ pub mod onnx_proto;
 pub mod upcast;
 
 pub use folder::{ModelFolder, ModelKind};
-pub use graph::{OnnxGraph, WeightLayout, WeightTarget};
+pub use graph::OnnxGraph;

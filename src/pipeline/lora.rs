@@ -241,7 +241,7 @@ impl Pipeline {
             .unet
             .optional_inputs
             .iter()
-            .any(|i| i.name.starts_with("lora."))
+            .any(|i| crate::lora::slots::is_slot_input(&i.name))
     }
 
     /// The slot inputs for `files`: per slotted module, `down` [r, in] and
@@ -280,7 +280,7 @@ impl Pipeline {
                         m.module
                     ))
                 };
-                let down_name = format!("lora.{}.down", m.module);
+                let down_name = crate::lora::slots::down_input(&m.module);
                 if m.component != Component::Unet || !slots.contains(down_name.as_str()) {
                     return Err(refuse("has no LoRA slot in this UNet"));
                 }
@@ -325,8 +325,8 @@ impl Pipeline {
                 ndarray::concatenate(ndarray::Axis(axis), &views)
                     .map_err(|e| Error::invalid_lora(format!("LoRA slot {module}: {e}")))
             };
-            inputs.push((format!("lora.{module}.down"), cat(&downs, 0)?));
-            inputs.push((format!("lora.{module}.up"), cat(&ups, 1)?));
+            inputs.push((crate::lora::slots::down_input(&module), cat(&downs, 0)?));
+            inputs.push((crate::lora::slots::up_input(&module), cat(&ups, 1)?));
         }
         Ok((inputs, resolutions))
     }

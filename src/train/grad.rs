@@ -24,8 +24,8 @@ use ort::value::DynTensor;
 use super::manifest::{Segment, TrainManifest};
 use super::tensors::{check_exact, NamedTensors};
 use crate::error::{Error, Result};
-use crate::model::graph::{OnnxGraph, WeightTarget};
-use crate::model::ModelFolder;
+use crate::lora::{GraphTargets, WeightTarget};
+use crate::model::{ModelFolder, OnnxGraph};
 use crate::runtime::session::{download, write_f32, Binding, DType, Graph, Input, IoSpec};
 use crate::runtime::Runtime;
 
@@ -193,7 +193,7 @@ impl GradRunner {
         let path = ModelFolder::open(model_dir)?.graph("unet");
         let unet = Graph::load(rt, "unet", &path)?;
         let graph = OnnxGraph::open(&path)?;
-        self.check_unet(&unet, graph.lora_targets()?)
+        self.check_unet(&unet, GraphTargets::discover(&graph)?.lora_targets()?)
     }
 
     /// The `spo grad` contract: `tensors` holds exactly the UNet inputs, the

@@ -348,12 +348,12 @@ pub fn check_lora_goldens(
 /// Weight values stored with `layout` (dims `stored`) re-ordered to PyTorch's
 /// `[out, in, (kh, kw)]` layout.
 pub fn to_torch_layout(
-    layout: spo_runtime::model::WeightLayout,
+    layout: spo_runtime::lora::WeightLayout,
     stored: &[usize],
     v: &[f32],
 ) -> Vec<f32> {
     match layout {
-        spo_runtime::model::WeightLayout::LinearInOut => {
+        spo_runtime::lora::WeightLayout::LinearInOut => {
             let (i, o) = (stored[0], stored[1]);
             let mut t = vec![0.0; v.len()];
             for a in 0..i {
