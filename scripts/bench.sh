@@ -47,7 +47,7 @@ for k in $(seq 1 "$rounds"); do
   echo "== round $k/$rounds: rust"
   "$bin" "${rust_args[@]}" | tee "$log/rust.$k"
   echo "== round $k/$rounds: python"
-  PYTHONPATH="$root/onnx" "$venv/bin/python" -m spo_onnx.bench_baseline "${common[@]}" | tee "$log/python.$k"
+  PYTHONPATH="$root/onnx" "$venv/bin/python" -m spo_onnx.bench.baseline "${common[@]}" | tee "$log/python.$k"
 done
 
 # Median over rounds of each process's median end-to-end time.

@@ -3,7 +3,7 @@
 # threads, processes interleaved (ours, torch, ours, torch ...). Two models:
 # tiny-sdxl (a test fixture: per-op overhead dominates) and the SDXL topology
 # at a quarter width, latent 32x32 (kernels dominate; built once into the cache
-# by `python -m spo_onnx.bench_grad make`). Prints each run's line, then the
+# by `python -m spo_onnx.bench.grad make`). Prints each run's line, then the
 # median times, backward/forward ratios and the peak-memory ratios.
 #
 #   scripts/bench_grad.sh [--repeats R] [--rounds K] [--threads T]
@@ -31,9 +31,9 @@ cargo=${CARGO:-cargo}
 "$cargo" build --release --locked --example bench_grad >&2
 bin="${CARGO_TARGET_DIR:-$root/target}/release/examples/bench_grad"
 cache=${SPO_CACHE_DIR:-$HOME/.cache/spo-runtime}/bench-grad/sdxl-narrow
-if [ ! -f "$cache/inputs.safetensors" ] || [ "$cache/inputs.safetensors" -ot onnx/spo_onnx/train_graphs.py ]; then
+if [ ! -f "$cache/inputs.safetensors" ] || [ "$cache/inputs.safetensors" -ot onnx/spo_onnx/export/train.py ]; then
   rm -rf "$cache"
-  PYTHONPATH=onnx "$venv/bin/python" -m spo_onnx.bench_grad make --out "$cache" >&2
+  PYTHONPATH=onnx "$venv/bin/python" -m spo_onnx.bench.grad make --out "$cache" >&2
 fi
 
 # name train_dir inputs diffusers_unet rank alpha
@@ -47,7 +47,7 @@ for m in "${models[@]}"; do
   for _ in $(seq "$rounds"); do
     line=$("$bin" --train-dir "$train" --inputs "$inputs" --repeats "$repeats" --threads "$threads")
     echo "$name $line"; ours+=("$line")
-    line=$(PYTHONPATH=onnx "$venv/bin/python" -m spo_onnx.bench_grad torch --unet "$unet" --inputs "$inputs" \
+    line=$(PYTHONPATH=onnx "$venv/bin/python" -m spo_onnx.bench.grad torch --unet "$unet" --inputs "$inputs" \
       --rank "$rank" --alpha "$alpha" --repeats "$repeats" --threads "$threads" 2>/dev/null)
     echo "$name $line"; theirs+=("$line")
   done

@@ -1,5 +1,5 @@
 //! ONNX graph reading against the tiny SDXL-layout UNet exported by
-//! `onnx/spo_onnx/lora_structure.py` three ways (TorchScript + external data,
+//! `onnx/spo_onnx/fixtures/lora_structure.py` three ways (TorchScript + external data,
 //! TorchScript without constant folding, dynamo), cross-checked against the
 //! module list and weights PyTorch itself wrote (`params.json`, `weights.safetensors`).
 

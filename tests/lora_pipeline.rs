@@ -1,5 +1,5 @@
 //! LoRA through the whole pipeline against diffusers' fused-LoRA goldens
-//! (onnx/spo_onnx/lora_goldens.py: `load_lora_weights` + `fuse_lora`, then the
+//! (onnx/spo_onnx/goldens/lora.py: `load_lora_weights` + `fuse_lora`, then the
 //! torch pipeline). Each LoRA is checked in all three key forms (PEFT, kohya
 //! diffusers-flat, kohya SGM), at multipliers 1.0 and 0.5 and two at once, on
 //! UNet and text encoders. Tolerance: 1e-4 x max(1, |golden|max) on the final

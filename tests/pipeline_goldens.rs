@@ -1,5 +1,5 @@
 //! The pipeline against diffusers goldens (tests/fixtures/goldens/<model>/,
-//! written by onnx/spo_onnx/goldens.py from the diffusers torch pipelines on the
+//! written by onnx/spo_onnx/goldens/pipeline.py from the diffusers torch pipelines on the
 //! same tiny weights). Every case runs our full path: tokenizer, ONNX text
 //! encoders, scheduler, ONNX UNet with CFG, VAE decode.
 //!

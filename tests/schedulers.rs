@@ -1,6 +1,6 @@
 //! Every scheduler against diffusers 0.42.1 goldens
 //! (`tests/fixtures/goldens/scheduler/*.json`, written by
-//! `onnx/spo_onnx/unit_goldens.py`).
+//! `onnx/spo_onnx/goldens/units.py`).
 //!
 //! Each golden holds the schedule and a full sampling trajectory driven by the
 //! deterministic "model" `model_output = 0.5 * scaled_sample * cos(t / 300) + 0.1`

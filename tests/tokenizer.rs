@@ -1,6 +1,6 @@
 //! The CLIP tokenizer against transformers 5.23 `CLIPTokenizer` goldens
 //! (`tests/fixtures/goldens/tokenizer/corpus.json`, written by
-//! `onnx/spo_onnx/unit_goldens.py`). Every entry must match exactly.
+//! `onnx/spo_onnx/goldens/units.py`). Every entry must match exactly.
 
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,6 @@
 //! The gradient runner against independent references: PyTorch autograd on
 //! the diffusers UNet with a peft LoRA (goldens from
-//! `onnx/spo_onnx/grad_goldens.py`), and directional finite differences
+//! `onnx/spo_onnx/goldens/grad.py`), and directional finite differences
 //! through the forward graph. Plus the errors a caller can provoke.
 
 mod common;

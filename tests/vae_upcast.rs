@@ -1,5 +1,5 @@
 //! The fp32 upcast of an fp16 VAE (diffusers' `force_upcast`), on
-//! tests/fixtures/vae-fp16-overflow (written by `spo_onnx.unit_goldens --only
+//! tests/fixtures/vae-fp16-overflow (written by `spo_onnx.goldens.units --only
 //! vae-fp16`): an fp16 decoder whose output passes the fp16 range, and
 //! `decoded.npy`, torch's fp32 decode of the same fp16-rounded weights.
 //!

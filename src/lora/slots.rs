@@ -1,7 +1,7 @@
 //! The names of a slots UNet's LoRA inputs (`--lora-slots R` in the
 //! exporter): per module, `lora.<module>.down` [r, in] and `lora.<module>.up`
 //! [out, r], with the scale folded into `up`. The exporter (`onnx/spo_onnx/
-//! export.py`, `slot_input_names`) writes these names; the pipeline and the
+//! export/slots.py`, `slot_input_names`) writes these names; the pipeline and the
 //! trainer read them only through this module.
 
 /// Every slot input starts with this.

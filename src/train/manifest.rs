@@ -1,5 +1,5 @@
 //! `train_manifest.json`: the contract between the training-graph exporter
-//! (`onnx/spo_onnx/train_graphs.py`) and the gradient runner. The exporter
+//! (`onnx/spo_onnx/export/train.py`) and the gradient runner. The exporter
 //! writes it; this module reads it as untrusted input (size-limited, every
 //! file name confined to the folder, every shape bounded before anything is
 //! allocated from it).

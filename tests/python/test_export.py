@@ -332,7 +332,7 @@ def test_slots_random_equals_torch_lora(slots_export):
 
 
 def test_fused_lora_export(tmp_path):
-    from spo_onnx import lora_goldens
+    from spo_onnx.goldens import lora as lora_goldens
 
     src = os.path.join(FIX, "diffusers", "tiny-sd15")
     pipe = export.load_pipeline(src)

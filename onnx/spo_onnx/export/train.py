@@ -1,7 +1,7 @@
 """Builds LoRA training graphs (a forward/backward VJP pair) from an exported
 UNet folder, in standard ONNX ops only, for spo-runtime's gradient runner.
 
-    PYTHONPATH=onnx python -m spo_onnx.train_graphs --unet MODEL/unet --out TRAIN_DIR \
+    PYTHONPATH=onnx python -m spo_onnx.export.train --unet MODEL/unet --out TRAIN_DIR \
         --batch 2 --latent 8x8 --seq 77 --rank 4 [--alpha A] [--targets to_q,to_k,...]
 
 Steps (each a function below):
@@ -35,7 +35,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .export import annotate_symbolic_shapes, is_slot_input
+from .common import annotate_symbolic_shapes
+from .slots import is_slot_input
 
 MANIFEST = "train_manifest.json"
 FORMAT = 1

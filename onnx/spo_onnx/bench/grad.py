@@ -1,8 +1,8 @@
 """PyTorch side of the gradient benchmark (scripts/bench_grad.sh), and the
 benchmark's larger model.
 
-    PYTHONPATH=onnx python -m spo_onnx.bench_grad make --out DIR
-    PYTHONPATH=onnx python -m spo_onnx.bench_grad torch --unet DIFFUSERS_UNET --inputs IN.safetensors \
+    PYTHONPATH=onnx python -m spo_onnx.bench.grad make --out DIR
+    PYTHONPATH=onnx python -m spo_onnx.bench.grad torch --unet DIFFUSERS_UNET --inputs IN.safetensors \
         --rank R --alpha A [--repeats N] [--threads T]
 
 `make` builds the SDXL topology at a quarter of its width (every block, the
@@ -25,8 +25,9 @@ import time
 
 import torch
 
-from . import fullsize_check, train_graphs
-from .grad_goldens import lora_params, random_inputs
+from ..export import train as train_graphs
+from ..goldens.grad import lora_params, random_inputs
+from . import fullsize_check
 
 NARROW = dict(fullsize_check.SDXL_BASE_UNET, block_out_channels=(80, 160, 320), attention_head_dim=(1, 2, 5),
               cross_attention_dim=512, projection_class_embeddings_input_dim=256 + 6 * 256, norm_num_groups=16)
@@ -38,7 +39,7 @@ def make(out):
     from safetensors.numpy import save_file
     from peft import LoraConfig
 
-    from . import export
+    from .. import export
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**NARROW).eval()

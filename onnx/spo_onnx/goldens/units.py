@@ -1,6 +1,6 @@
 """Reference outputs for the pure-Rust unit tests (tokenizer and schedulers).
 
-    PYTHONPATH=onnx python -m spo_onnx.unit_goldens [--root REPO_ROOT] [--only tokenizer|scheduler|vae-fp16]
+    PYTHONPATH=onnx python -m spo_onnx.goldens.units [--root REPO_ROOT] [--only tokenizer|scheduler|vae-fp16]
 
 Writes
   tests/fixtures/goldens/tokenizer/corpus.json   (transformers CLIPTokenizer)
@@ -145,7 +145,7 @@ def write_tokenizer(root):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+    ap.add_argument("--root", default=os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")))
     ap.add_argument("--only", choices=["tokenizer", "scheduler", "vae-fp16"])
     a = ap.parse_args()
     if a.only in (None, "tokenizer"):
@@ -171,7 +171,7 @@ def write_vae_fp16(root):
     import torch
     from diffusers import AutoencoderKL
 
-    from . import export
+    from .. import export
 
     out = os.path.join(root, "tests", "fixtures", "vae-fp16-overflow")
     vae = AutoencoderKL.from_pretrained(os.path.join(root, "tests", "fixtures", "diffusers", "tiny-sdxl", "vae")).eval()

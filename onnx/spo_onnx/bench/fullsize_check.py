@@ -6,7 +6,7 @@ pytest. fp16 is traced from the fp16 module and the weights are streamed to
 model.onnx_data (see export.export_unet); the earlier fp32-trace-then-convert
 route was OOM-killed at 23.6 GB.
 
-    PYTHONPATH=onnx python -m spo_onnx.fullsize_check --out /tmp/sdxl-unet-check [--fp32] [--lora-slots 64] [--trace 256]
+    PYTHONPATH=onnx python -m spo_onnx.bench.fullsize_check --out /tmp/sdxl-unet-check [--fp32] [--lora-slots 64] [--trace 256]
 """
 
 import argparse
@@ -65,7 +65,7 @@ def kohya_counts(unet):
 def main(argv=None):
     from diffusers import UNet2DConditionModel
 
-    from . import export
+    from .. import export
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)

@@ -1,6 +1,6 @@
 """diffusers / PEFT baseline for the LoRA merge benchmark (examples/bench_lora_merge.rs).
 
-    PYTHONPATH=onnx python -m spo_onnx.bench_lora_fuse [--rank 64] [--threads 2] [--repeats 2]
+    PYTHONPATH=onnx python -m spo_onnx.bench.lora_fuse [--rank 64] [--threads 2] [--repeats 2]
 
 In one process: a full-size SDXL base UNet2DConditionModel from its config
 (random init, fp32, CPU), an SPO-sized PEFT LoRA (rank 64, alpha 64) on the

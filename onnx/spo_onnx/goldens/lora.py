@@ -1,7 +1,7 @@
 """Tiny LoRAs (made with peft, fixed seeds) in three file formats, and
 diffusers' fused-LoRA reference latents.
 
-    PYTHONPATH=onnx python -m spo_onnx.lora_goldens [--root tests/fixtures] [--only tiny-sdxl]
+    PYTHONPATH=onnx python -m spo_onnx.goldens.lora [--root tests/fixtures] [--only tiny-sdxl]
 
 Writes ROOT/lora/<model>/<lora>/{peft,kohya_flat,kohya_sgm}.safetensors and
 appends the "lora" section of ROOT/goldens/<model>/index.json.
@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from .fixtures import REPO
+from ..fixtures import REPO
+from .common import Writer, jsonable, load, make_scheduler, record_randn
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -165,8 +166,6 @@ def write_lora_files(pipe_cls, layers, metas, alpha, sdxl, out_dir):
 
 def fused_latents(pipe, loras, case, fmt="peft"):
     """diffusers load_lora_weights + fuse_lora, then the case with output_type latent."""
-    from .goldens import make_scheduler, record_randn
-
     names = []
     for i, (path, mult) in enumerate(loras):
         pipe.load_lora_weights(path, adapter_name=f"l{i}")
@@ -193,8 +192,6 @@ def fused_latents(pipe, loras, case, fmt="peft"):
 
 
 def lora_entries(model, pipe_unused, root, w):
-    from .goldens import _jsonable, load
-
     sdxl = model.endswith("sdxl")
     lora_root = os.path.join(root, "lora", model)
     files = {}
@@ -223,7 +220,7 @@ def lora_entries(model, pipe_unused, root, w):
                     checks[fmt] = float((lk - lat).abs().max())
                 except Exception as e:  # diffusers cannot load every dialect
                     checks[fmt] = f"diffusers failed to load: {type(e).__name__}: {e}"[:300]
-        case = dict(CASE, name=f"{CASE['name']}_{tag}", guidance_rescale=0.0, scheduler_class=type(sched).__name__, scheduler_config=_jsonable(sched.config), timesteps=[float(t) for t in sched.timesteps], noise=None, init_image=None, strength=None)
+        case = dict(CASE, name=f"{CASE['name']}_{tag}", guidance_rescale=0.0, scheduler_class=type(sched).__name__, scheduler_config=jsonable(sched.config), timesteps=[float(t) for t in sched.timesteps], noise=None, init_image=None, strength=None)
         case["init_latents"] = w.npy(f"{tag}_init.npy", init)
         entries.append(
             {
@@ -245,9 +242,20 @@ def lora_entries(model, pipe_unused, root, w):
     return entries
 
 
+def write_lora_section(model, root):
+    """Rewrites the "lora" section of goldens/<model>/index.json (run after
+    goldens.pipeline, which leaves it empty)."""
+    out = os.path.join(root, "goldens", model)
+    index_path = os.path.join(out, "index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    index["lora"] = lora_entries(model, load(model, root), root, Writer(out))
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=1, ensure_ascii=False)
+
+
 def main(argv=None):
-    from .fixtures import BUILDERS
-    from .goldens import write_model_goldens
+    from ..fixtures import BUILDERS
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default=os.path.join(REPO, "tests", "fixtures"))
@@ -255,7 +263,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     for model in a.only or list(BUILDERS):
-        write_model_goldens(model, a.root, lora=True)
+        write_lora_section(model, a.root)
 
 
 if __name__ == "__main__":

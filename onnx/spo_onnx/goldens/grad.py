@@ -2,10 +2,10 @@
 diffusers UNet with a peft LoRA (the fixtures' own weights, in float64), and
 the training folders they check.
 
-    PYTHONPATH=onnx python -m spo_onnx.grad_goldens [--only tiny-sdxl]
+    PYTHONPATH=onnx python -m spo_onnx.goldens.grad [--only tiny-sdxl]
 
 For each model it writes, under tests/fixtures/train/<model>/:
-- the training folder (`spo_onnx.train_graphs`, K=1);
+- the training folder (`spo_onnx.export.train`);
 - `inputs.safetensors`: `spo grad`'s input contract (UNet inputs, `cotangent`,
   and the LoRA in PEFT form, `<module>.lora_A.weight` [r,in] and
   `<module>.lora_B.weight` [out,r]);
@@ -14,16 +14,15 @@ For each model it writes, under tests/fixtures/train/<model>/:
 """
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 import torch
 
-from . import train_graphs
+from ..export import train as train_graphs
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "..", "tests", "fixtures")
 # model -> (training folders: suffix -> (ONNX UNet folder, segments), shapes)
 CASES = {
     "tiny-sdxl": {"unets": {"": ("tiny-sdxl/unet", 1)},

@@ -1,6 +1,6 @@
 """Python baseline for examples/bench_pipeline.rs: the same ONNX files, end to end.
 
-    PYTHONPATH=onnx python -m spo_onnx.bench_baseline [--model DIR] [--steps N] [--repeats R] [--threads T]
+    PYTHONPATH=onnx python -m spo_onnx.bench.baseline [--model DIR] [--steps N] [--repeats R] [--threads T]
 
 optimum (`optimum.onnxruntime.ORTStableDiffusionXLPipeline`) is not installed and
 is deliberately not a dependency, so this is a hand-written loop that follows the

@@ -1,10 +1,10 @@
 """Diffusers reference outputs ("goldens") for the Rust tests, computed with the
 torch pipelines on the tiny diffusers fixtures (fp32, CPU).
 
-    PYTHONPATH=onnx python -m spo_onnx.goldens [--root tests/fixtures] [--only tiny-sdxl] [--lora] [--case NAME]
+    PYTHONPATH=onnx python -m spo_onnx.goldens.pipeline [--root tests/fixtures] [--only tiny-sdxl] [--case NAME]
 
 Writes ROOT/goldens/<model>/index.json (+ .npy float32 C-order, .png). The format is described in onnx/DESIGN.md. Scheduler unit
-goldens come from unit_goldens.py.
+goldens come from goldens/units.py, the "lora" section from goldens/lora.py.
 
 Randomness: every case runs with `generator=torch.Generator("cpu").manual_seed(seed)`
 and diffusers draws everything from it, in this order: the initial latents
@@ -26,16 +26,9 @@ import sys
 import numpy as np
 import torch
 
-from .fixtures import REPO
+from ..fixtures import REPO
+from .common import SCHEDULERS, Writer, jsonable, load, make_scheduler, record_randn
 
-SCHEDULERS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "ddpm": ("DDPMScheduler", {}),
-}
 STOCHASTIC = {"euler_a", "ddpm"}  # plus ddim with eta > 0
 
 TOKENIZER_TEXTS = [
@@ -107,62 +100,7 @@ EMBED_PROMPTS = [
 RNG_SEEDS = [0, 1, 42, 1234, 2**31 - 1, 2**32 + 7, 123456789012345]
 
 
-def _np(x):
-    return np.ascontiguousarray(x.detach().to(torch.float32).cpu().numpy())
-
-
-class Writer:
-    def __init__(self, out_dir):
-        self.dir = out_dir
-        os.makedirs(out_dir, exist_ok=True)
-
-    def npy(self, name, x):
-        arr = _np(x) if isinstance(x, torch.Tensor) else np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-        np.save(os.path.join(self.dir, name), arr)
-        return name
-
-    def png(self, name, img):
-        img.save(os.path.join(self.dir, name))
-        return name
-
-
-def _jsonable(cfg):
-    out = {}
-    for k, v in dict(cfg).items():
-        if isinstance(v, tuple):
-            v = list(v)
-        if isinstance(v, np.ndarray):
-            v = v.tolist()
-        out[k] = v
-    return out
-
-
 # ----------------------------------------------------------------------------- noise recording
-
-
-@contextlib.contextmanager
-def record_randn(log):
-    """Wraps diffusers' randn_tensor in every loaded diffusers module; appends
-    (module, tensor) for each draw."""
-    import diffusers.utils.torch_utils as tu
-
-    orig = tu.randn_tensor
-
-    def spy(*a, **k):
-        x = orig(*a, **k)
-        log.append((sys._getframe(1).f_globals.get("__name__", "?"), x.detach().clone()))
-        return x
-
-    patched = []
-    for name, mod in list(sys.modules.items()):
-        if name.startswith("diffusers") and getattr(mod, "randn_tensor", None) is orig:
-            mod.randn_tensor = spy
-            patched.append(mod)
-    try:
-        yield
-    finally:
-        for mod in patched:
-            mod.randn_tensor = orig
 
 
 @contextlib.contextmanager
@@ -188,25 +126,6 @@ def vae_encode_mean():
 # ----------------------------------------------------------------------------- pipelines
 
 
-def load(model, root):
-    import diffusers
-
-    d = os.path.join(root, "diffusers", model)
-    kw = {"add_watermarker": False} if model.endswith("sdxl") else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = diffusers.DiffusionPipeline.from_pretrained(d, torch_dtype=torch.float32, **kw)
-    pipe.set_progress_bar_config(disable=True)
-    # the checkpoint's own scheduler config: every case derives its scheduler
-    # from this (cases replace pipe.scheduler, so never read it back from there)
-    pipe._spo_base_scheduler_config = pipe.scheduler.config
-    # diffusers 0.42.1's SD 1.5 clip_skip path calls
-    # text_encoder.text_model.final_layer_norm, but transformers 5 flattened
-    # CLIPTextModel (final_layer_norm sits on the model itself). An alias,
-    # outside the module registry, lets diffusers' own code run unchanged.
-    if not hasattr(pipe.text_encoder, "text_model"):
-        object.__setattr__(pipe.text_encoder, "text_model", pipe.text_encoder)
-    return pipe
-
-
 def img2img_pipe(pipe):
     import diffusers
 
@@ -214,14 +133,6 @@ def img2img_pipe(pipe):
     p = cls.from_pipe(pipe)
     p.set_progress_bar_config(disable=True)
     return p
-
-
-def make_scheduler(pipe, name, base_config=None):
-    import diffusers
-
-    cls_name, kw = SCHEDULERS[name]
-    cls = getattr(diffusers, cls_name)
-    return cls.from_config(base_config or pipe._spo_base_scheduler_config, **kw)
 
 
 def init_image(size=(64, 64)):
@@ -442,7 +353,7 @@ def run_case(pipe, c, w, init_png, prefix=""):
         name=name,
         guidance_rescale=c.get("guidance_rescale", 0.0),
         scheduler_class=type(sched).__name__,
-        scheduler_config=_jsonable(sched.config),
+        scheduler_config=jsonable(sched.config),
         timesteps=[float(t) for t in sched.timesteps],
         timesteps_used=timesteps_used(c, [float(t) for t in sched.timesteps], sched.order),
         init_latents=w.npy(f"{name}_init.npy", init[1]),
@@ -461,21 +372,17 @@ def run_case(pipe, c, w, init_png, prefix=""):
     return entry
 
 
-def write_model_goldens(model, root, lora=False, only_cases=None):
-    """Writes goldens/<model>. `lora`: only the "lora" section (needs the
-    LoRA files). `only_cases`: (re)run just these cases and merge them into the
+def write_model_goldens(model, root, only_cases=None):
+    """Writes goldens/<model> (with an empty "lora" section; goldens.lora
+    fills it). `only_cases`: (re)run just these cases and merge them into the
     existing index, leaving every other entry and file as it is."""
     out = os.path.join(root, "goldens", model)
     pipe = load(model, root)
     index_path = os.path.join(out, "index.json")
-    if lora or only_cases:
+    if only_cases:
         with open(index_path) as f:
             index = json.load(f)
         w = Writer(out)
-        if lora:
-            from . import lora_goldens
-
-            index["lora"] = lora_goldens.lora_entries(model, pipe, root, w)
         for c in case_list(model):
             if only_cases and c["name"] in only_cases:
                 entry = run_case(pipe, c, w, os.path.join(out, "init_64.png"))
@@ -503,19 +410,18 @@ def write_model_goldens(model, root, lora=False, only_cases=None):
 
 
 def main(argv=None):
-    from .fixtures import BUILDERS
+    from ..fixtures import BUILDERS
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default=os.path.join(REPO, "tests", "fixtures"))
     ap.add_argument("--only", action="append")
     ap.add_argument("--skip-models", action="store_true")
-    ap.add_argument("--lora", action="store_true", help="(re)write only the 'lora' section (needs the LoRA files)")
     ap.add_argument("--case", action="append", help="(re)run only this pipeline case, keeping the rest of the index")
     a = ap.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     if not a.skip_models:
         for model in a.only or list(BUILDERS):
-            write_model_goldens(model, a.root, lora=a.lora, only_cases=a.case)
+            write_model_goldens(model, a.root, only_cases=a.case)
 
 
 if __name__ == "__main__":
