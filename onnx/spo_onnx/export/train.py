@@ -110,14 +110,19 @@ def load_fixed(unet_dir, batch, h, w, seq):
 # --------------------------------------------------------------------------- 2. inject
 
 
-def select_targets(targets_json, suffixes):
+def select_targets(targets_json, names):
+    """The modules of `lora_targets.json` whose path is one of `names` or ends
+    with `.<name>`. They must be linear layers on activations (MatMul): a
+    selected conv or 2-D Gemm is an error, not silently skipped."""
     with open(targets_json) as f:
         info = json.load(f)
-    chosen = [m for m in info["modules"]
-              if m["kind"] == "linear" and m["op"] == "MatMul" and m["module"].split(".", 0)[0]
-              and any(m["module"].endswith("." + s) for s in suffixes)]
+    chosen = [m for m in info["modules"] if any(m["module"] == n or m["module"].endswith("." + n) for n in names)]
     if not chosen:
-        raise SystemExit(f"no linear module of {targets_json} ends with one of {suffixes}")
+        raise SystemExit(f"no module of {targets_json} is or ends with one of {list(names)}")
+    bad = [m["module"] for m in chosen if m["kind"] != "linear" or m["op"] != "MatMul"]
+    if bad:
+        raise SystemExit(f"{len(bad)} selected modules are not linear layers on activations (MatMul), "
+                         f"e.g. '{bad[0]}'; training graphs put LoRA on those only")
     return info, chosen
 
 
@@ -705,7 +710,7 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--alpha", type=float, default=None, help="default: the rank")
     ap.add_argument("--targets", default=",".join(SPO_TARGETS),
-                    help="module-path suffixes of the linear modules to train")
+                    help="linear modules to train: full module paths or path suffixes, comma-separated")
     ap.add_argument("--segments", type=int, default=1,
                     help="cut the UNet at block boundaries into K forward/backward pairs (gradient checkpointing)")
     ap.add_argument("--keep-names", action="store_true",
