@@ -14,7 +14,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use spo_runtime::train::{tensors, GradRunner};
+use spo_runtime::model::tensors;
+use spo_runtime::train::GradRunner;
 use spo_runtime::{Options, Result, Runtime};
 
 struct Args {

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use ndarray::ArrayD;
-use spo_runtime::train::tensors::{self, NamedTensors};
+use spo_runtime::model::tensors::{self, NamedTensors};
 use spo_runtime::train::{check, GradRunner};
 use spo_runtime::ErrorCode;
 

@@ -6,9 +6,9 @@
 mod common;
 
 use ndarray::{ArrayD, Axis};
+use spo_runtime::model::tensors::{self, NamedTensors};
 use spo_runtime::train::optim::{clip_gradients, AdamW, AdamWConfig, Clip};
 use spo_runtime::train::spo::{pair_loss, Branch, DdimStep, LossConfig};
-use spo_runtime::train::tensors::{self, NamedTensors};
 
 fn goldens() -> (serde_json::Value, NamedTensors) {
     let d = common::fixture("goldens/spo");

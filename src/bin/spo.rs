@@ -11,10 +11,11 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use ndarray::ArrayD;
 use spo_runtime::lora::ModelGraphs;
+use spo_runtime::model::tensors;
 use spo_runtime::pipeline::{JobSpec, Lora, LoraMode, Pipeline, StepMath};
 use spo_runtime::runtime::{LogLevel, Logger};
 use spo_runtime::text::LongPrompt;
-use spo_runtime::train::{check, tensors, GradRunner};
+use spo_runtime::train::{check, GradRunner};
 use spo_runtime::{Error, Options, Result, Runtime};
 
 #[derive(Parser)]

@@ -1,6 +1,6 @@
 //! Runtime LoRA: file formats ([`format`]), key resolution against the ONNX graph
-//! ([`targets`], [`keys`], [`resolve`]), merge math ([`merge`]) and the slots UNet's input
-//! names ([`slots`]). [`merged_overrides`]
+//! ([`targets`], [`keys`], [`resolve`]), merge math ([`merge`]), the slots UNet's input
+//! names ([`slots`]) and writing trained LoRA files ([`write`]). [`merged_overrides`]
 //! turns a set of `(LoraFile, multiplier)` into new initializer tensors for
 //! ONNX Runtime initializer overrides.
 
@@ -10,6 +10,7 @@ pub mod merge;
 pub mod resolve;
 pub mod slots;
 pub mod targets;
+pub mod write;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ pub use format::{LoraFile, LoraFormat, LoraKind, LoraModule, Tensor, UnetDialect
 pub use keys::{AliasTable, Component, UnetLayout};
 pub use resolve::{resolve, Match, ModelTargets, Resolution, TargetSet};
 pub use targets::{GraphTargets, WeightLayout, WeightTarget};
+pub use write::{write_lora, LoraDialect};
 
 use crate::error::{Error, Result};
 use crate::model::onnx_proto::data_type;

@@ -4,6 +4,7 @@
 pub mod folder;
 pub mod graph;
 pub mod onnx_proto;
+pub mod tensors;
 pub mod upcast;
 
 pub use folder::{ModelFolder, ModelKind};

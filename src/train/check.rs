@@ -6,8 +6,8 @@
 use ndarray::ArrayD;
 
 use super::grad::GradRunner;
-use super::tensors::NamedTensors;
 use crate::error::Result;
+use crate::model::tensors::NamedTensors;
 
 /// A small seeded generator (xorshift64*, Box-Muller normals): diagnostics
 /// need reproducible numbers, not statistical quality.

@@ -22,9 +22,9 @@ use ndarray::ArrayD;
 use ort::value::DynTensor;
 
 use super::manifest::{Segment, TrainManifest};
-use super::tensors::{check_exact, NamedTensors};
 use crate::error::{Error, Result};
 use crate::lora::{GraphTargets, WeightTarget};
+use crate::model::tensors::{check_exact, NamedTensors};
 use crate::model::{ModelFolder, OnnxGraph};
 use crate::runtime::session::{download, write_f32, Binding, DType, Graph, Input, IoSpec};
 use crate::runtime::Runtime;

@@ -4,7 +4,6 @@
 //! - [`manifest`]: `train_manifest.json`, the exporter's contract;
 //! - [`grad`]: the gradient runner (forward with residuals, backward from a
 //!   cotangent, accumulation on the device);
-//! - [`tensors`]: named float32 tensors in safetensors files (`spo grad`);
 //! - [`check`]: seeded random inputs and finite-difference checks;
 //! - [`spo`]: SPO's step math: DDIM transition, log-probabilities, the
 //!   clamped-ratio loss and its cotangent through the DDIM mean and CFG;
@@ -15,7 +14,6 @@ pub mod grad;
 pub mod manifest;
 pub mod optim;
 pub mod spo;
-pub mod tensors;
 
 pub use grad::GradRunner;
 pub use manifest::TrainManifest;

@@ -5,8 +5,8 @@
 
 use ndarray::ArrayD;
 
-use super::tensors::NamedTensors;
 use crate::error::{Error, Result};
+use crate::model::tensors::NamedTensors;
 
 /// AdamW's constants (torch.optim.AdamW's names).
 #[derive(Debug, Clone, Copy, PartialEq)]

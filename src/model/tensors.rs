@@ -1,5 +1,5 @@
 //! Named float32 tensors in safetensors files: the input and output format of
-//! `spo grad`, and of the trainer's checkpoints. Files are untrusted: the size
+//! `spo grad`, the trainer's checkpoints and written LoRA files. Files are untrusted: the size
 //! is checked before reading, the header by the safetensors crate, and every
 //! tensor must be float32.
 
@@ -54,6 +54,15 @@ pub fn read(path: &Path) -> Result<NamedTensors> {
 
 /// Writes `tensors` as float32, atomically (a temporary file renamed into place).
 pub fn write(path: &Path, tensors: &NamedTensors) -> Result<()> {
+    write_with_metadata(path, tensors, None)
+}
+
+/// [`write`], with the safetensors header's `__metadata__` strings.
+pub fn write_with_metadata(
+    path: &Path,
+    tensors: &NamedTensors,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(k, a)| {
@@ -70,7 +79,7 @@ pub fn write(path: &Path, tensors: &NamedTensors) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, None, &tmp)
+    safetensors::serialize_to_file(views, metadata, &tmp)
         .map_err(|e| Error::invalid_file(format!("{}: cannot write: {e}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
