@@ -66,6 +66,8 @@ test: setup lint rust-test symbols c-test examples py-test
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	@# The fuzz targets (run with `cargo +nightly fuzz run NAME`) must keep compiling.
+	cd fuzz && $(CARGO) check --locked --quiet
 
 rust-test: ort
 	$(CARGO) test --$(PROFILE) --locked

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::ArrayD;
 use spo_runtime::model::tensors::{self, NamedTensors};
-use spo_runtime::train::{check, GradRunner};
+use spo_runtime::train::{check, GradRunner, TrainManifest};
 use spo_runtime::ErrorCode;
 
 fn case_dir(model: &str) -> PathBuf {
@@ -351,4 +351,53 @@ fn segments_equal_one_segment() {
     );
     assert!(rel <= 2e-6 && d / m <= 1e-6);
     assert!(grad_error(&three, &expected).per_tensor <= 1e-4);
+}
+
+/// Seeded mutations of a real manifest and a real input file (byte flips,
+/// truncations, inserted digits) give a manifest, tensors or an error: never
+/// a panic. The fuzz targets `train_manifest` and `named_tensors` do the same
+/// under libFuzzer.
+#[test]
+fn mutated_manifests_and_inputs_never_panic() {
+    let d = case_dir("tiny-sd15");
+    let text = std::fs::read(d.join("graphs/train_manifest.json")).unwrap();
+    let bytes = std::fs::read(d.join("inputs.safetensors")).unwrap();
+    let mut rng = check::Rng::new(11);
+    let mut pick = |n: usize| ((rng.normal().abs() * 1e6) as usize) % n.max(1);
+    let (mut parsed, mut refused) = (0, 0);
+    for i in 0..3000 {
+        let (src, digits): (&[u8], &[u8]) = if i % 2 == 0 {
+            (&text, b"0123456789-e.")
+        } else {
+            (&bytes, &[0u8, 0xff, 0x7f, b'{', b'"'])
+        };
+        let mut m = src.to_vec();
+        for _ in 0..1 + pick(4) {
+            match pick(3) {
+                0 => {
+                    let at = pick(m.len());
+                    m[at] = digits[pick(digits.len())];
+                }
+                1 => m.truncate(pick(m.len())),
+                _ => {
+                    let at = pick(m.len());
+                    m.insert(at, digits[pick(digits.len())]);
+                }
+            }
+        }
+        let ok = if i % 2 == 0 {
+            std::str::from_utf8(&m)
+                .ok()
+                .is_some_and(|t| TrainManifest::from_json(t).is_ok())
+        } else {
+            tensors::from_bytes(&m, "mutated").is_ok()
+        };
+        if ok {
+            parsed += 1
+        } else {
+            refused += 1
+        }
+    }
+    println!("3000 mutations: {parsed} parsed, {refused} refused");
+    assert!(refused > 0);
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use spo_runtime::lora::{format::LoraKind, merge, resolve::check_shape, LoraFile};
-use spo_runtime::model::WeightLayout;
+use spo_runtime::lora::WeightLayout;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(file) = LoraFile::from_bytes(data, Path::new("fuzz.safetensors"), None) else {

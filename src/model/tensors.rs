@@ -27,15 +27,18 @@ pub fn read(path: &Path) -> Result<NamedTensors> {
         )));
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        Error::invalid_file(format!("{}: invalid safetensors file: {e}", path.display()))
-    })?;
+    from_bytes(&bytes, &path.display().to_string())
+}
+
+/// Parses an in-memory safetensors file; `what` names it in messages.
+pub fn from_bytes(bytes: &[u8], what: &str) -> Result<NamedTensors> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::invalid_file(format!("{what}: invalid safetensors file: {e}")))?;
     let mut out = NamedTensors::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
             return Err(Error::invalid_file(format!(
-                "{}: tensor '{name}' is {:?}; float32 is expected",
-                path.display(),
+                "{what}: tensor '{name}' is {:?}; float32 is expected",
                 view.dtype()
             )));
         }
@@ -44,9 +47,8 @@ pub fn read(path: &Path) -> Result<NamedTensors> {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
-        let a = ArrayD::from_shape_vec(IxDyn(view.shape()), data).map_err(|e| {
-            Error::invalid_file(format!("{}: tensor '{name}': {e}", path.display()))
-        })?;
+        let a = ArrayD::from_shape_vec(IxDyn(view.shape()), data)
+            .map_err(|e| Error::invalid_file(format!("{what}: tensor '{name}': {e}")))?;
         out.insert(name, a);
     }
     Ok(out)

@@ -525,6 +525,21 @@ pub fn f32_input(shape: &[usize], data: Vec<f32>) -> Input {
     Input::F32(ArrayD::from_shape_vec(IxDyn(shape), data).expect("shape matches data length"))
 }
 
+/// Sets the f32 tensor `t` (host or device) to zero in place, with no host
+/// buffer of its size on the Rust heap (a failed allocation is an error from
+/// ONNX Runtime's allocator, never an abort).
+pub fn fill_zeros(t: &mut DynTensor) -> Result<()> {
+    if t.memory_info().is_cpu_accessible() {
+        t.try_extract_tensor_mut::<f32>()?.1.fill(0.0);
+        return Ok(());
+    }
+    let shape: Vec<usize> = t.shape().iter().map(|d| *d as usize).collect();
+    let mut host = Tensor::<f32>::new(&Allocator::default(), shape)?;
+    host.try_extract_tensor_mut::<f32>()?.1.fill(0.0);
+    host.upcast().copy_into(t)?;
+    Ok(())
+}
+
 /// Overwrites the f32 tensor `t` (host or device) with `data`, in place, so
 /// that bindings holding it see the new values. The length must match.
 pub fn write_f32(t: &mut DynTensor, data: &[f32]) -> Result<()> {

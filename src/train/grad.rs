@@ -26,7 +26,9 @@ use crate::error::{Error, Result};
 use crate::lora::{GraphTargets, WeightTarget};
 use crate::model::tensors::{check_exact, NamedTensors};
 use crate::model::{ModelFolder, OnnxGraph};
-use crate::runtime::session::{download, write_f32, Binding, DType, Graph, Input, IoSpec};
+use crate::runtime::session::{
+    download, fill_zeros, write_f32, Binding, DType, Graph, Input, IoSpec,
+};
 use crate::runtime::Runtime;
 
 /// One segment's sessions and device buffers.
@@ -39,8 +41,6 @@ struct SegmentRunner {
     params: Vec<DynTensor>,
     accum: [Vec<DynTensor>; 2],
     current: usize,
-    /// Shapes of `params`, for zeroing.
-    shapes: Vec<Vec<usize>>,
     /// The backward's `grad.<key>` outputs and `accum.<key>` inputs, in
     /// `params` order.
     grad_names: Vec<String>,
@@ -256,8 +256,8 @@ impl GradRunner {
     pub fn zero_grad(&mut self) -> Result<()> {
         for seg in &mut self.segments {
             let cur = seg.current;
-            for (t, shape) in seg.accum[cur].iter_mut().zip(&seg.shapes) {
-                write_f32(t, &vec![0.0; shape.iter().product()])?;
+            for t in seg.accum[cur].iter_mut() {
+                fill_zeros(t)?;
             }
         }
         self.accumulated = 0;
@@ -379,6 +379,23 @@ impl SegmentRunner {
             .iter()
             .map(|k| m.params.iter().find(|p| p.key == *k).expect("checked"))
             .collect();
+        for p in &specs {
+            let spec = forward.require_input(&p.key)?;
+            let same = spec.shape.len() == p.shape.len()
+                && spec
+                    .shape
+                    .iter()
+                    .zip(&p.shape)
+                    .all(|(g, m)| *g == *m as i64);
+            if !same || spec.dtype != DType::F32 {
+                return Err(Error::invalid_model(format!(
+                    "{}: parameter {} does not match the manifest's float32{:?}",
+                    forward.path.display(),
+                    spec.describe(),
+                    p.shape
+                )));
+            }
+        }
         let shapes: Vec<Vec<usize>> = specs.iter().map(|p| p.shape.clone()).collect();
         let alloc =
             |g: &Graph| -> Result<Vec<DynTensor>> { shapes.iter().map(|s| zeros(g, s)).collect() };
@@ -406,7 +423,6 @@ impl SegmentRunner {
             params,
             accum,
             current: 0,
-            shapes,
             outputs,
             residuals,
             input_grads,
@@ -562,7 +578,7 @@ fn split_pair<T>(pair: &mut [Vec<T>; 2], current: usize) -> (&Vec<T>, &mut Vec<T
 
 fn zeros(g: &Graph, shape: &[usize]) -> Result<DynTensor> {
     let mut t = g.alloc(DType::F32, shape)?;
-    write_f32(&mut t, &vec![0.0; shape.iter().product()])?;
+    fill_zeros(&mut t)?;
     Ok(t)
 }
 

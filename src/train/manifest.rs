@@ -18,6 +18,8 @@ pub const FORMAT: u32 = 1;
 const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 /// Segments a folder may have (SDXL has 9 top-level blocks).
 const MAX_SEGMENTS: usize = 64;
+/// LoRA parameter elements in all (rank-64 SDXL: 93M).
+const MAX_PARAM_ELEMENTS: usize = 1 << 30;
 /// Elements in any one tensor the manifest declares (2^31: 8 GiB of f32).
 const MAX_ELEMENTS: usize = 1 << 31;
 
@@ -97,11 +99,14 @@ impl TrainManifest {
             )));
         }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let m: TrainManifest = serde_json::from_str(&text).map_err(|e| {
-            Error::invalid_model(format!("{}: not a training manifest: {e}", path.display()))
-        })?;
-        m.check()
-            .map_err(|e| e.context(format!("{}", path.display())))?;
+        Self::from_json(&text).map_err(|e| e.context(format!("{}", path.display())))
+    }
+
+    /// Parses and checks a manifest's text.
+    pub fn from_json(text: &str) -> Result<TrainManifest> {
+        let m: TrainManifest = serde_json::from_str(text)
+            .map_err(|e| Error::invalid_model(format!("not a training manifest: {e}")))?;
+        m.check()?;
         Ok(m)
     }
 
@@ -151,8 +156,14 @@ impl TrainManifest {
             )));
         }
         plain_file_name(&self.weights)?;
+        let mut total = 0usize;
         for p in &self.params {
-            check_shape(&p.key, &p.shape)?;
+            total = total.saturating_add(check_shape(&p.key, &p.shape)?);
+        }
+        if total > MAX_PARAM_ELEMENTS {
+            return Err(Error::invalid_model(format!(
+                "{total} LoRA parameter elements are over the {MAX_PARAM_ELEMENTS} limit"
+            )));
         }
         self.check_pairs()?;
         for i in &self.unet_inputs {
@@ -211,13 +222,15 @@ fn plain_file_name(name: &str) -> Result<()> {
     }
 }
 
-fn check_shape(name: &str, shape: &[usize]) -> Result<()> {
+/// The element count of a declared shape, when it is not empty and within
+/// [`MAX_ELEMENTS`].
+fn check_shape(name: &str, shape: &[usize]) -> Result<usize> {
     let n = shape
         .iter()
         .try_fold(1usize, |acc, d| acc.checked_mul(*d))
         .filter(|n| *n <= MAX_ELEMENTS && *n > 0);
     match n {
-        Some(_) if !shape.is_empty() => Ok(()),
+        Some(n) if !shape.is_empty() => Ok(n),
         _ => Err(Error::invalid_model(format!(
             "'{name}' has shape {shape:?}: empty, or over {MAX_ELEMENTS} elements"
         ))),
