@@ -7,12 +7,14 @@
 //! - [`check`]: seeded random inputs and finite-difference checks;
 //! - [`spo`]: SPO's step math: DDIM transition, log-probabilities, the
 //!   clamped-ratio loss and its cotangent through the DDIM mean and CFG;
-//! - [`optim`]: AdamW and gradient clipping.
+//! - [`optim`]: AdamW and gradient clipping;
+//! - [`preference`]: preference models (the ONNX contract, image preparation).
 
 pub mod check;
 pub mod grad;
 pub mod manifest;
 pub mod optim;
+pub mod preference;
 pub mod spo;
 
 pub use grad::GradRunner;
