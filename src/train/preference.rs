@@ -25,7 +25,8 @@ pub const IMAGE_SIZE: usize = 224;
 /// Token ids per prompt.
 pub const MAX_TOKENS: usize = 77;
 const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+// The published constants, rounded to f32.
+const CLIP_STD: [f32; 3] = [0.268_629_5, 0.261_302_6, 0.275_777_1];
 /// Largest input image side accepted (8192: SDXL's 1024 with room).
 const MAX_SIDE: usize = 8192;
 
