@@ -92,36 +92,32 @@ fn finite_difference(
         .fold(0.0, f64::max)
 }
 
-#[test]
-fn tiny_sd15_matches_autograd_and_finite_differences() {
-    let (inputs, expected) = load_case("tiny-sd15");
-    let (mut r, got) = run(&case_dir("tiny-sd15").join("graphs"), &inputs);
+/// One model's K=1 folder against autograd (1e-4 of each tensor's largest
+/// gradient) and finite differences (1e-2); returns the runner.
+fn check_against_references(model: &str, fd_step: f32) -> GradRunner {
+    let (inputs, expected) = load_case(model);
+    let (mut r, got) = run(&case_dir(model).join("graphs"), &inputs);
     check_out_sample(&got, &expected, 1e-5);
     let e = grad_error(&got, &expected);
     println!(
-        "tiny-sd15: per-tensor {:.2e} ({}), global {:.2e}",
+        "{model}: per-tensor {:.2e} ({}), global {:.2e}",
         e.per_tensor, e.worst_key, e.global
     );
     assert!(e.per_tensor <= 1e-4, "worst {}", e.worst_key);
-    let fd = finite_difference(&mut r, &inputs, &got, 1e-3);
-    println!("tiny-sd15: directional finite difference {fd:.2e}");
+    let fd = finite_difference(&mut r, &inputs, &got, fd_step);
+    println!("{model}: directional finite difference {fd:.2e}");
     assert!(fd <= 1e-2);
+    r
+}
+
+#[test]
+fn tiny_sd15_matches_autograd_and_finite_differences() {
+    check_against_references("tiny-sd15", 1e-3);
 }
 
 #[test]
 fn tiny_sdxl_matches_autograd_and_finite_differences() {
-    let (inputs, expected) = load_case("tiny-sdxl");
-    let (mut r, got) = run(&case_dir("tiny-sdxl").join("graphs"), &inputs);
-    check_out_sample(&got, &expected, 1e-5);
-    let e = grad_error(&got, &expected);
-    println!(
-        "tiny-sdxl: per-tensor {:.2e} ({}), global {:.2e}",
-        e.per_tensor, e.worst_key, e.global
-    );
-    assert!(e.per_tensor <= 1e-4, "worst {}", e.worst_key);
-    let fd = finite_difference(&mut r, &inputs, &got, 1e-4);
-    println!("tiny-sdxl: directional finite difference {fd:.2e}");
-    assert!(fd <= 1e-2);
+    let r = check_against_references("tiny-sdxl", 1e-4);
     // The folder fits the UNet it was built from, and not the other model's.
     let rt = common::runtime();
     r.check_model(&rt, &common::fixture("tiny-sdxl")).unwrap();

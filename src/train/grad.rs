@@ -233,13 +233,7 @@ impl GradRunner {
 
     /// Sets every LoRA parameter (PEFT keys, exactly the manifest's set).
     pub fn set_params(&mut self, params: &NamedTensors) -> Result<()> {
-        let expected: Vec<(&str, &[usize])> = self
-            .manifest
-            .params
-            .iter()
-            .map(|p| (p.key.as_str(), p.shape.as_slice()))
-            .collect();
-        check_exact("LoRA parameters", params, &expected)?;
+        check_exact("LoRA parameters", params, &self.manifest.param_shapes())?;
         for (key, value) in params {
             let (s, i) = self.param_at[key];
             let a = value.as_standard_layout();
@@ -268,13 +262,7 @@ impl GradRunner {
     /// `unet_inputs`, by name) with the current parameters; returns the UNet
     /// output and keeps what [`GradRunner::backward`] needs.
     pub fn forward(&mut self, inputs: &NamedTensors) -> Result<ArrayD<f32>> {
-        let expected: Vec<(&str, &[usize])> = self
-            .manifest
-            .unet_inputs
-            .iter()
-            .map(|i| (i.name.as_str(), i.shape.as_slice()))
-            .collect();
-        check_exact("UNet inputs", inputs, &expected)?;
+        check_exact("UNet inputs", inputs, &self.manifest.unet_input_shapes())?;
         self.forwarded = false;
         let first = &self.segments[0].forward;
         self.unet_inputs = self

@@ -200,6 +200,22 @@ impl TrainManifest {
         Ok(())
     }
 
+    /// (name, shape) of every UNet input.
+    pub fn unet_input_shapes(&self) -> Vec<(&str, &[usize])> {
+        self.unet_inputs
+            .iter()
+            .map(|i| (i.name.as_str(), i.shape.as_slice()))
+            .collect()
+    }
+
+    /// (PEFT key, shape) of every LoRA parameter.
+    pub fn param_shapes(&self) -> Vec<(&str, &[usize])> {
+        self.params
+            .iter()
+            .map(|p| (p.key.as_str(), p.shape.as_slice()))
+            .collect()
+    }
+
     /// The shape of the UNet output and of the cotangent: `[B,4,h,w]`.
     pub fn output_shape(&self) -> Vec<usize> {
         vec![self.batch, 4, self.latent_height, self.latent_width]
