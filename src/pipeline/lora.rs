@@ -15,9 +15,11 @@ use ort::value::{DynValue, Tensor};
 
 use super::{BusyGuard, Pipeline};
 use crate::error::{Error, Result};
+use crate::lora::slots;
 use crate::lora::{
     merged_overrides, Component, LoraFile, MergeOptions, ModelGraphs, OverrideData, Resolution,
 };
+use crate::model::tensors::NamedTensors;
 use crate::runtime::session::Graph;
 
 /// How LoRAs reach the model.
@@ -165,16 +167,7 @@ impl Pipeline {
         let files: Vec<(&LoraFile, f32)> = loras.iter().map(|(l, m)| (&*l.0, *m)).collect();
         if mode == LoraMode::Slots {
             let (inputs, resolutions) = self.slot_inputs(&graphs, &files)?;
-            // Sessions that carried merged weights go back to the plain graph.
-            let mut models = inner.models.lock();
-            for comp in std::mem::take(&mut state.touched) {
-                let g = Graph::load(
-                    &inner.runtime,
-                    comp.folder(),
-                    &inner.folder.graph(comp.folder()),
-                )?;
-                models.replace(comp, g)?;
-            }
+            self.restore_plain_sessions(&mut state)?;
             state.slot_inputs = Arc::new(inputs);
             state.applied = identity;
             state.mode = Some(mode);
@@ -225,13 +218,88 @@ impl Pipeline {
         state.mode = Some(mode);
         state.touched = now;
         state.slot_inputs = Arc::new(Vec::new());
-        state.slot_inputs = Arc::new(Vec::new());
         inner.runtime.logger().info(&format!(
             "applied {} LoRA(s) in merge mode; rebuilt {} session(s)",
             loras.len(),
             rebuild.len()
         ));
         Ok(merged.resolutions)
+    }
+
+    /// Feeds trained LoRA parameters straight to a slots UNet: `params` in
+    /// PEFT form (`<module>.lora_A.weight` [r,in], `<module>.lora_B.weight`
+    /// [out,r]) with scale `alpha / r`. How a trainer samples with its current
+    /// LoRA: no file, no merge, no session rebuild. Replaces what was applied;
+    /// every module needs a slot, and a module without one is an error naming
+    /// it. Fails with `Busy` while a job is active.
+    pub fn set_lora_params(&self, params: &NamedTensors, alpha: f32) -> Result<()> {
+        let _busy = BusyGuard::acquire(self)?;
+        let inner = &self.inner;
+        if !self.has_lora_slots() {
+            return Err(Error::unsupported(format!(
+                "LoRA parameters need a UNet exported with --lora-slots; {} has no lora.* inputs",
+                inner.folder.graph("unet").display()
+            )));
+        }
+        let slots: BTreeSet<String> = inner
+            .models
+            .lock()
+            .unet
+            .optional_inputs
+            .iter()
+            .map(|i| i.name.clone())
+            .collect();
+        let mut inputs = Vec::new();
+        for (key, a) in params {
+            let Some(module) = key.strip_suffix(".lora_A.weight") else {
+                continue;
+            };
+            let b = params
+                .get(&format!("{module}.lora_B.weight"))
+                .ok_or_else(|| {
+                    Error::invalid_lora(format!("LoRA parameters: '{module}' has A but no B"))
+                })?;
+            let rank = a.shape().first().copied().unwrap_or(0);
+            if rank == 0 || b.shape().get(1) != Some(&rank) || !alpha.is_finite() {
+                return Err(Error::invalid_lora(format!(
+                    "LoRA parameters: '{module}' A {:?} / B {:?} / alpha {alpha} are not a LoRA pair",
+                    a.shape(),
+                    b.shape()
+                )));
+            }
+            let (down, up) = (slots::down_input(module), slots::up_input(module));
+            if !slots.contains(&down) || !slots.contains(&up) {
+                return Err(Error::invalid_lora(format!(
+                    "LoRA parameters: module '{module}' has no LoRA slot in this UNet"
+                )));
+            }
+            inputs.push((down, a.clone()));
+            inputs.push((up, b.mapv(|v| v * alpha / rank as f32)));
+        }
+        // Each A gave two inputs, consuming its B: any other key is left over.
+        if inputs.is_empty() || inputs.len() != params.len() {
+            return Err(Error::invalid_lora(
+                "LoRA parameters: every key must be a '<module>.lora_A.weight' / \
+                 '<module>.lora_B.weight' pair, and there must be at least one",
+            ));
+        }
+        let mut state = inner.lora.lock();
+        self.restore_plain_sessions(&mut state)?;
+        state.slot_inputs = Arc::new(inputs);
+        state.applied = vec![(Arc::as_ptr(&state.slot_inputs) as usize, alpha.to_bits())];
+        state.mode = Some(LoraMode::Slots);
+        Ok(())
+    }
+
+    /// Sessions that carried merged weights go back to the plain graph.
+    fn restore_plain_sessions(&self, state: &mut LoraState) -> Result<()> {
+        let inner = &self.inner;
+        let mut models = inner.models.lock();
+        for comp in std::mem::take(&mut state.touched) {
+            let path = inner.folder.graph(comp.folder());
+            models.replace(comp, Graph::load(&inner.runtime, comp.folder(), &path)?)?;
+        }
+        Ok(())
     }
 
     fn has_lora_slots(&self) -> bool {
