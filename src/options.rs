@@ -42,6 +42,9 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
     ("target_size", "job"),
     ("step_math", "job"),
     ("long_prompt", "job"),
+    // The trainer's settings (`train.dir`, `train.lr`, ...): the trainer
+    // names an unknown one (`train::config`).
+    ("train.", "trainer"),
 ];
 
 /// An ordered key/value bag. Values are kept as strings and parsed by the

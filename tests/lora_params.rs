@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use spo_runtime::lora::{write_lora, LoraDialect};
+use spo_runtime::lora::{write_lora, LoraDialect, LoraOut};
 use spo_runtime::model::tensors::NamedTensors;
 use spo_runtime::pipeline::{Lora, LoraMode, Pipeline};
 use spo_runtime::train::check::Rng;
@@ -37,7 +37,17 @@ fn params_in_slots_equal_the_merged_file() {
         "spo-lora-params-{}.safetensors",
         std::process::id()
     ));
-    write_lora(&file, &params, manifest.rank, alpha, LoraDialect::Kohya).unwrap();
+    write_lora(
+        &file,
+        &params,
+        LoraOut {
+            rank: manifest.rank,
+            alpha,
+            dialect: LoraDialect::Kohya,
+            layout: None,
+        },
+    )
+    .unwrap();
     let plain = Pipeline::load(&rt, &fixture("tiny-sd15"), &Options::new()).unwrap();
     let base = run_case(&plain, &gdir, case);
     plain

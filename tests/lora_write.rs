@@ -6,7 +6,9 @@
 mod common;
 
 use ndarray::{ArrayD, Ix2};
-use spo_runtime::lora::{merge, resolve, write_lora, LoraDialect, LoraFile, ModelGraphs};
+use spo_runtime::lora::{
+    merge, resolve, write_lora, LoraDialect, LoraFile, LoraOut, ModelGraphs, UnetLayout,
+};
 use spo_runtime::model::tensors::NamedTensors;
 use spo_runtime::train::check::Rng;
 use spo_runtime::train::TrainManifest;
@@ -23,6 +25,15 @@ fn params() -> (NamedTensors, usize) {
     (p, m.rank)
 }
 
+fn out(rank: usize, alpha: f32, dialect: LoraDialect) -> LoraOut<'static> {
+    LoraOut {
+        rank,
+        alpha,
+        dialect,
+        layout: None,
+    }
+}
+
 #[test]
 fn both_dialects_load_back_with_their_scale() {
     let (params, rank) = params();
@@ -30,10 +41,30 @@ fn both_dialects_load_back_with_their_scale() {
     let graphs = ModelGraphs::open(common::fixture("tiny-sd15")).unwrap();
     let dir = std::env::temp_dir().join(format!("spo-lora-write-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for dialect in [LoraDialect::Kohya, LoraDialect::Diffusers] {
-        let path = dir.join(format!("{dialect:?}.safetensors"));
-        write_lora(&path, &params, rank, alpha, dialect).unwrap();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("tiny-sd15/unet/config.json")).unwrap(),
+    )
+    .unwrap();
+    let layout = UnetLayout::from_config(&config).unwrap();
+    for (dialect, sgm) in [
+        (LoraDialect::Kohya, false),
+        (LoraDialect::Kohya, true),
+        (LoraDialect::Diffusers, false),
+    ] {
+        let path = dir.join(format!("{dialect:?}{sgm}.safetensors"));
+        let o = LoraOut {
+            layout: sgm.then_some(&layout),
+            ..out(rank, alpha, dialect)
+        };
+        write_lora(&path, &params, o).unwrap();
         let file = LoraFile::open(&path).unwrap();
+        if sgm {
+            // webui names: SGM block numbering, as A1111 and ComfyUI expect.
+            let sgm_blocks = ["input_blocks_", "middle_block_", "output_blocks_"];
+            assert!(file.modules.keys().all(|k| sgm_blocks
+                .iter()
+                .any(|b| k.starts_with(&format!("lora_unet_{b}")))));
+        }
         let res = resolve(&file, &graphs.targets);
         assert!(res.unmatched.is_empty(), "{dialect:?}: {:?}", res.unmatched);
         assert_eq!(res.matched.len(), params.len() / 2, "{dialect:?}");
@@ -71,15 +102,15 @@ fn bad_parameter_sets_are_named_errors() {
     let key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
     let mut missing = params.clone();
     missing.remove(&format!("{key}.lora_B.weight"));
-    let e = write_lora(&path, &missing, rank, 4.0, LoraDialect::Kohya).unwrap_err();
+    let e = write_lora(&path, &missing, out(rank, 4.0, LoraDialect::Kohya)).unwrap_err();
     assert!(e.message.contains(key) && e.message.contains("no"), "{e}");
-    let e = write_lora(&path, &params, rank + 1, 4.0, LoraDialect::Kohya).unwrap_err();
+    let e = write_lora(&path, &params, out(rank + 1, 4.0, LoraDialect::Kohya)).unwrap_err();
     assert!(e.message.contains("rank-5"), "{e}");
     let mut odd = params.clone();
     odd.insert("unet.conv_in.weight".into(), ArrayD::zeros(vec![2, 2]));
-    let e = write_lora(&path, &odd, rank, 4.0, LoraDialect::Diffusers).unwrap_err();
+    let e = write_lora(&path, &odd, out(rank, 4.0, LoraDialect::Diffusers)).unwrap_err();
     assert!(e.message.contains("unet.conv_in.weight"), "{e}");
-    let e = write_lora(&path, &params, rank, f32::NAN, LoraDialect::Diffusers).unwrap_err();
+    let e = write_lora(&path, &params, out(rank, f32::NAN, LoraDialect::Diffusers)).unwrap_err();
     assert!(e.message.contains("alpha"), "{e}");
     assert!(!path.exists());
 }

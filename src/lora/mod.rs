@@ -19,7 +19,7 @@ pub use format::{LoraFile, LoraFormat, LoraKind, LoraModule, Tensor, UnetDialect
 pub use keys::{AliasTable, Component, UnetLayout};
 pub use resolve::{resolve, Match, ModelTargets, Resolution, TargetSet};
 pub use targets::{GraphTargets, WeightLayout, WeightTarget};
-pub use write::{write_lora, LoraDialect};
+pub use write::{lora_bytes, write_lora, LoraDialect, LoraOut};
 
 use crate::error::{Error, Result};
 use crate::model::onnx_proto::data_type;

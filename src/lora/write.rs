@@ -11,7 +11,7 @@ use std::path::Path;
 
 use ndarray::ArrayD;
 
-use super::keys::flatten;
+use super::keys::{flatten, UnetLayout};
 use crate::error::{Error, Result};
 use crate::model::tensors::{self, NamedTensors};
 
@@ -37,15 +37,36 @@ impl LoraDialect {
 const A: &str = ".lora_A.weight";
 const B: &str = ".lora_B.weight";
 
+/// How a trained LoRA is written.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraOut<'a> {
+    pub rank: usize,
+    pub alpha: f32,
+    pub dialect: LoraDialect,
+    /// The UNet's block layout: kohya names then use the SGM numbering
+    /// (`lora_unet_input_blocks_4_1_...`), as A1111 and ComfyUI expect for
+    /// SDXL; without it they flatten the diffusers path.
+    pub layout: Option<&'a UnetLayout>,
+}
+
 /// Writes the UNet LoRA `params` (PEFT keys; every module needs both
-/// factors, all of rank `rank`) in `dialect`, atomically.
-pub fn write_lora(
-    path: &Path,
+/// factors, all of rank `out.rank`) atomically.
+pub fn write_lora(path: &Path, params: &NamedTensors, out: LoraOut) -> Result<()> {
+    let (tensors, meta) = lora_tensors(params, out)?;
+    tensors::write_with_metadata(path, &tensors, Some(meta))
+}
+
+/// The file [`write_lora`] writes, in memory.
+pub fn lora_bytes(params: &NamedTensors, out: LoraOut) -> Result<Vec<u8>> {
+    let (tensors, meta) = lora_tensors(params, out)?;
+    tensors::to_bytes(&tensors, Some(meta))
+}
+
+fn lora_tensors(
     params: &NamedTensors,
-    rank: usize,
-    alpha: f32,
-    dialect: LoraDialect,
-) -> Result<()> {
+    o: LoraOut,
+) -> Result<(NamedTensors, HashMap<String, String>)> {
+    let (rank, alpha) = (o.rank, o.alpha);
     let modules = modules(params, rank)?;
     if !alpha.is_finite() || alpha <= 0.0 {
         return Err(Error::invalid_argument(format!(
@@ -54,10 +75,11 @@ pub fn write_lora(
     }
     let mut out = NamedTensors::new();
     let mut meta = HashMap::new();
-    match dialect {
+    match o.dialect {
         LoraDialect::Kohya => {
             for m in &modules {
-                let stem = format!("lora_unet_{}", flatten(m));
+                let path = o.layout.and_then(|l| l.sgm_path(m));
+                let stem = format!("lora_unet_{}", flatten(path.as_deref().unwrap_or(m)));
                 out.insert(
                     format!("{stem}.lora_down.weight"),
                     params[&format!("{m}{A}")].clone(),
@@ -90,7 +112,7 @@ pub fn write_lora(
         }
     }
     meta.insert("format".into(), "pt".into());
-    tensors::write_with_metadata(path, &out, Some(meta))
+    Ok((out, meta))
 }
 
 /// The module paths of `params`, checked: both factors present, of rank `rank`.

@@ -19,6 +19,12 @@ const MAX_FILE_BYTES: u64 = 8 << 30;
 
 /// Reads every tensor of a safetensors file as f32.
 pub fn read(path: &Path) -> Result<NamedTensors> {
+    from_bytes(&read_bytes(path)?, &path.display().to_string())
+}
+
+/// A safetensors file's bytes, refused unread when it is not a regular file
+/// or is over the size limit.
+pub fn read_bytes(path: &Path) -> Result<Vec<u8>> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if !meta.is_file() || meta.len() > MAX_FILE_BYTES {
         return Err(Error::invalid_file(format!(
@@ -26,8 +32,7 @@ pub fn read(path: &Path) -> Result<NamedTensors> {
             path.display()
         )));
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    from_bytes(&bytes, &path.display().to_string())
+    std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 
 /// Parses an in-memory safetensors file; `what` names it in messages.
@@ -59,12 +64,24 @@ pub fn write(path: &Path, tensors: &NamedTensors) -> Result<()> {
     write_with_metadata(path, tensors, None)
 }
 
-/// [`write`], with the safetensors header's `__metadata__` strings.
+/// [`write`], with the safetensors header's `__metadata__` strings. Atomic:
+/// the bytes go to a temporary file beside `path`, are synced to disk, and
+/// the file is renamed over `path` (then the folder is synced), so a crash
+/// leaves the old file or the new one, never a torn one.
 pub fn write_with_metadata(
     path: &Path,
     tensors: &NamedTensors,
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<()> {
+    let bytes = to_bytes(tensors, metadata)?;
+    write_atomic(path, &bytes)
+}
+
+/// A safetensors file of `tensors`, in memory.
+pub fn to_bytes(
+    tensors: &NamedTensors,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(k, a)| {
@@ -80,10 +97,36 @@ pub fn write_with_metadata(
                 .map_err(|e| Error::invalid_argument(format!("tensor '{k}': {e}")))
         })
         .collect::<Result<_>>()?;
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, metadata, &tmp)
-        .map_err(|e| Error::invalid_file(format!("{}: cannot write: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    safetensors::serialize(views, metadata)
+        .map_err(|e| Error::invalid_argument(format!("cannot serialise tensors: {e}")))
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename, fsync
+/// of the folder).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid_argument(format!("{}: not a file path", path.display())))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
 }
 
 /// Checks that `tensors` holds exactly `expected` (name, shape): a missing

@@ -206,6 +206,23 @@ pub struct CancelToken {
 }
 
 impl CancelToken {
+    pub fn new() -> Result<CancelToken> {
+        Ok(CancelToken {
+            flag: AtomicBool::new(false),
+            run_options: RunOptions::new()?,
+        })
+    }
+    /// The run options that make ONNX Runtime calls cancellable by this token.
+    pub fn run_options(&self) -> &RunOptions {
+        &self.run_options
+    }
+    /// Re-arms a token whose cancel was consumed (a trainer lives on after a
+    /// cancelled round).
+    pub fn reset(&self) -> Result<()> {
+        self.flag.store(false, Ordering::Release);
+        self.run_options.unterminate()?;
+        Ok(())
+    }
     pub fn cancel(&self) {
         self.flag.store(true, Ordering::Release);
         let _ = self.run_options.terminate();
@@ -317,10 +334,7 @@ impl Job {
             latents: Vec::new(),
             cond: None,
             resident: None,
-            cancel: Arc::new(CancelToken {
-                flag: AtomicBool::new(false),
-                run_options: RunOptions::new()?,
-            }),
+            cancel: Arc::new(CancelToken::new()?),
             progress: None,
             preview: PreviewSlot::default(),
             images: None,

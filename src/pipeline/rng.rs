@@ -89,6 +89,19 @@ impl TorchRng {
         (self.mt.next_u64() & ((1u64 << 53) - 1)) as f64 * (1.0 / 9_007_199_254_740_992.0)
     }
 
+    /// A uniform integer in `0..n` (`n > 0`) by rejection, so every value
+    /// is equally likely. Not torch's `randint` stream: the trainer's own.
+    pub fn below(&mut self, n: usize) -> usize {
+        let n = n.max(1) as u64;
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let v = self.mt.next_u64();
+            if v < zone {
+                return (v % n) as usize;
+            }
+        }
+    }
+
     /// `n` standard normal float32 values, as one `torch.randn(n)` call.
     pub fn randn(&mut self, n: usize) -> Vec<f32> {
         if n < 16 {

@@ -66,6 +66,20 @@ impl DdimScheduler {
         self.eta
     }
 
+    /// The cumulative alphas of step `step_index` and of its previous
+    /// timestep (the final alpha-bar past the schedule's start).
+    pub fn alpha_bars(&self, step_index: usize) -> Result<(f64, f64)> {
+        check_step("ddim", step_index, self.timesteps.len())?;
+        let t = self.int_timesteps[step_index];
+        let prev_t = t - (self.config.num_train_timesteps / self.num_inference_steps) as i64;
+        let a_prev = if prev_t >= 0 {
+            self.alpha_at(prev_t)?
+        } else {
+            self.final_alpha_cumprod
+        };
+        Ok((self.alpha_at(t)?, a_prev))
+    }
+
     fn alpha_at(&self, t: i64) -> Result<f64> {
         usize::try_from(t)
             .ok()
@@ -118,15 +132,7 @@ impl Scheduler for DdimScheduler {
     }
 
     fn linear_step(&mut self, step_index: usize) -> Result<LinearStep> {
-        check_step("ddim", step_index, self.timesteps.len())?;
-        let t = self.int_timesteps[step_index];
-        let prev_t = t - (self.config.num_train_timesteps / self.num_inference_steps) as i64;
-        let a_t = self.alpha_at(t)?;
-        let a_prev = if prev_t >= 0 {
-            self.alpha_at(prev_t)?
-        } else {
-            self.final_alpha_cumprod
-        };
+        let (a_t, a_prev) = self.alpha_bars(step_index)?;
         let b_t = 1.0 - a_t;
         let (sa, sb) = (a_t.sqrt(), b_t.sqrt());
         let b_prev = 1.0 - a_prev;

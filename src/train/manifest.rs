@@ -81,6 +81,10 @@ pub struct TrainManifest {
     pub unet_inputs: Vec<IoEntry>,
     pub output: String,
     pub cotangent: String,
+    /// The LoRA-injected UNet alone (`out_sample`, no residuals): what the
+    /// trainer samples through. Absent in folders written before it existed.
+    #[serde(default)]
+    pub sample: Option<String>,
     pub segments: Vec<Segment>,
     pub params: Vec<Param>,
     pub weights: String,
@@ -156,6 +160,9 @@ impl TrainManifest {
             )));
         }
         plain_file_name(&self.weights)?;
+        if let Some(s) = &self.sample {
+            plain_file_name(s)?;
+        }
         let mut total = 0usize;
         for p in &self.params {
             total = total.saturating_add(check_shape(&p.key, &p.shape)?);

@@ -29,6 +29,7 @@ pub enum Clip {
 }
 
 /// AdamW state: step count and the two moments per parameter.
+#[derive(Clone)]
 pub struct AdamW {
     pub config: AdamWConfig,
     pub step: u64,
@@ -65,6 +66,31 @@ impl AdamW {
             m: zeros(params),
             v: zeros(params),
         })
+    }
+
+    /// The first and second moments, by parameter key.
+    pub fn moments(&self) -> (&NamedTensors, &NamedTensors) {
+        (&self.m, &self.v)
+    }
+
+    /// Puts back a saved state: `step` and the moments, which must have the
+    /// keys and shapes of the current ones.
+    pub fn restore(&mut self, step: u64, m: NamedTensors, v: NamedTensors) -> Result<()> {
+        for (what, new, old) in [("first", &m, &self.m), ("second", &v, &self.v)] {
+            let same = new.len() == old.len()
+                && new
+                    .iter()
+                    .all(|(k, a)| old.get(k).is_some_and(|b| b.shape() == a.shape()));
+            if !same {
+                return Err(Error::invalid_argument(format!(
+                    "AdamW: the saved {what} moments do not match the parameters"
+                )));
+            }
+        }
+        self.step = step;
+        self.m = m;
+        self.v = v;
+        Ok(())
     }
 
     /// One update of `params` from `grads` (the same keys and shapes).

@@ -104,6 +104,9 @@ pub struct PairLoss {
     pub loss: f64,
     /// log r of win and lose before clamping.
     pub log_ratio: [f64; 2],
+    /// Whether each branch passes a gradient (its ratio inside the clamp);
+    /// an inactive branch's cotangents are zero.
+    pub active: [bool; 2],
     /// The cotangents dL/d eps_u and dL/d eps_c of win and lose, each
     /// already divided by `pairs` (the loss is a mean over the batch).
     pub cot_u: [ArrayD<f32>; 2],
@@ -149,10 +152,11 @@ pub fn pair_loss<'a>(
     let scale = 1.0 / pairs as f64;
     let mut cot_u = Vec::with_capacity(2);
     let mut cot_c = Vec::with_capacity(2);
+    // Inside the clamp, log r passes the gradient (torch's clamp passes it
+    // at the bounds too); outside it is cut.
+    let active = log_ratio.map(|l| (lo..=hi).contains(&l));
     for (i, b) in branches.iter().enumerate() {
-        // Inside the clamp, log r passes the gradient (torch's clamp passes it
-        // at the bounds too); outside it is cut.
-        let inside = (lo..=hi).contains(&log_ratio[i]);
+        let inside = active[i];
         let sign = if i == 0 { 1.0 } else { -1.0 };
         let d_logr = if inside {
             dz * cfg.beta * sign * scale
@@ -175,6 +179,7 @@ pub fn pair_loss<'a>(
     Ok(PairLoss {
         loss: loss * scale,
         log_ratio,
+        active,
         cot_u: two(cot_u),
         cot_c: two(cot_c),
     })

@@ -16,9 +16,11 @@ Steps (each a function below):
 5. split the joint graph: the forward graph computes `out_sample` and returns
    every value the backward reads ("residuals"); the backward graph takes
    those plus the cotangent and returns the gradients (JAX's vjp pattern: the
-   forward is never run twice).
+   forward is never run twice);
+6. also write `sample.onnx`, the injected UNet of step 2 on its own: the
+   trainer samples through it with its current LoRA as inputs.
 
-Both graphs share one external data file (the UNet's weights, copied as they
+All graphs share one external data file (the UNet's weights, copied as they
 are). The contract is `train_manifest.json`, described in onnx/DESIGN.md.
 """
 
@@ -42,6 +44,11 @@ MANIFEST = "train_manifest.json"
 FORMAT = 1
 FORWARD = "forward.onnx"
 BACKWARD = "backward.onnx"
+# The LoRA-injected UNet before reversal: out_sample only, no residuals. The
+# trainer samples through it with its current parameters fed as inputs (and
+# with zero parameters it is the frozen reference), so an update costs no
+# merge and no session rebuild.
+SAMPLE = "sample.onnx"
 WEIGHTS = "weights.onnx_data"
 COTANGENT = "cotangent"
 OUTPUT = "out_sample"
@@ -597,6 +604,17 @@ def rebase_external(model, location):
                     e.value = location
 
 
+def save_graph(model, path):
+    """Writes a graph of the folder, its weights in the shared WEIGHTS file."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    rebase_external(m, WEIGHTS)
+    # Every shape is static, so ONNX Runtime infers them again at load (no
+    # slower); the annotations were a third of the bytes.
+    del m.graph.value_info[:]
+    onnx.save(m, path)
+
+
 def io_list(vis):
     out = []
     for v in vis:
@@ -650,8 +668,9 @@ def build(unet_dir, out_dir, batch, h, w, seq, rank, alpha, suffixes, segments=1
     model = infer(model)
     log(f"injected {len(targets)} targets: {len(model.graph.node)} nodes ({time.time() - t0:.1f} s)")
     param_dep, _ = dependents(list(model.graph.node), params)
-    cuts = cut_points(model, segments) if segments > 1 else []
     os.makedirs(out_dir, exist_ok=True)
+    save_graph(model, os.path.join(out_dir, SAMPLE))
+    cuts = cut_points(model, segments) if segments > 1 else []
     entries = []
     for k, (seg, seg_inputs, outputs) in enumerate(segment_models(model, cuts)):
         forward, backward, entry = build_segment(seg, seg_inputs, outputs, params, param_dep, keep_names, log)
@@ -660,11 +679,7 @@ def build(unet_dir, out_dir, batch, h, w, seq, rank, alpha, suffixes, segments=1
         entry["backward"] = BACKWARD.replace(".onnx", suffix + ".onnx") if backward else None
         for m, name in ((forward, entry["forward"]), (backward, entry["backward"])):
             if m is not None:
-                rebase_external(m, WEIGHTS)
-                # Every shape is static, so ONNX Runtime infers them again at
-                # load (no slower); the annotations were a third of the bytes.
-                del m.graph.value_info[:]
-                onnx.save(m, os.path.join(out_dir, name))
+                save_graph(m, os.path.join(out_dir, name))
         entries.append(entry)
     # A copy, not a symlink: ONNX Runtime refuses external data that resolves
     # outside the model's folder.
@@ -684,6 +699,7 @@ def build(unet_dir, out_dir, batch, h, w, seq, rank, alpha, suffixes, segments=1
         "unet_inputs": io_list([shapes[n] for n in unet_inputs(model) if n not in params]),
         "output": OUTPUT,
         "cotangent": COTANGENT,
+        "sample": SAMPLE,
         "segments": entries,
         "params": [{"key": p, "grad": grad_name(p), "accum": accum_name(p),
                     "shape": [d.dim_value for d in shapes[p].type.tensor_type.shape.dim]} for p in params],

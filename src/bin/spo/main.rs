@@ -2,6 +2,7 @@
 //!
 //!   spo generate --model DIR --prompt "..." [--out out.png] ...
 //!   spo info --model DIR
+//!   spo train --model DIR --train-dir DIR --spm DIR --prompts FILE --out LORA
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,8 @@ use spo_runtime::runtime::{LogLevel, Logger};
 use spo_runtime::text::LongPrompt;
 use spo_runtime::train::{check, GradRunner};
 use spo_runtime::{Error, Options, Result, Runtime};
+
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +58,8 @@ enum Command {
     /// inputs, `cotangent` and the LoRA (PEFT keys) in; `out_sample` and the
     /// LoRA gradients of sum(cotangent * out_sample) out.
     Grad(Box<Grad>),
+    /// Fine-tune a LoRA with SPO (step-aware preference optimization).
+    Train(Box<train::Train>),
     /// Print a model folder's components, dtypes, shapes and providers.
     Info {
         #[arg(long)]
@@ -400,6 +405,7 @@ fn main() -> ExitCode {
         Command::Generate(g) => generate(*g),
         Command::Info { model, rt } => info(&model, &rt),
         Command::Grad(g) => grad(*g),
+        Command::Train(t) => train::run(*t),
         Command::Lora {
             command: LoraCommand::Inspect { file, model },
         } => lora_inspect(&file, &model),
