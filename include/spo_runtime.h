@@ -139,6 +139,10 @@ typedef struct spo_pipeline spo_pipeline;
 // A runtime, shareable by any number of threads.
 typedef struct spo_runtime spo_runtime;
 
+// A trainer. `spo_trainer_cancel` may be called from any thread; the other
+// calls on one trainer must not overlap (an overlapping call gets SPO_ERR_BUSY).
+typedef struct spo_trainer spo_trainer;
+
 // Progress callback: called after each denoising step with the steps done
 // and the total. Return nonzero to cancel the job.
 typedef int32_t (*spo_progress_callback)(void *user_data, uint32_t done, uint32_t total);
@@ -165,6 +169,52 @@ typedef struct spo_image {
 // Log callback: `level` is a `spo_log_level`, `message` is UTF-8 and valid only
 // during the call. It may be called from any thread that calls into the library.
 typedef void (*spo_log_callback)(void *user_data, int32_t level, const char *message);
+
+// What one round (or one `spo_trainer_update`) did. Times are in seconds.
+typedef struct spo_train_metrics {
+  // Rounds completed before this one.
+  uint64_t round;
+  // Mean loss over the trained pairs (NaN when there were none).
+  double loss;
+  // Pairs trained on.
+  uint32_t pairs;
+  // Candidate pools sampled.
+  uint32_t pools;
+  // Pools whose score gap passed the threshold, over all pools.
+  double accepted_ratio;
+  // Mean preference score of all candidates.
+  double score_mean;
+  // Mean best-minus-worst score of a pool.
+  double score_gap;
+  // Mean global gradient norm before clipping.
+  double grad_norm;
+  // Branches whose probability ratio left the clamp.
+  double clamp_fraction;
+  // Optimizer steps applied.
+  uint32_t updates;
+  // Optimizer steps skipped because the loss or a gradient was not finite.
+  uint32_t skipped_updates;
+  double time_sampling;
+  double time_scoring;
+  double time_forward;
+  double time_backward;
+  double time_optimizer;
+} spo_train_metrics;
+
+// One (win, lose) pair for `spo_trainer_update`: the transition x_t ->
+// x_prev of each branch at timestep `timestep` (one of the trainer's DDIM
+// schedule), conditioned on prompt `prompt` (an index into the prompts
+// passed with it). Each pointer holds one latent of
+// `spo_trainer_latent_shape` floats (NCHW, batch 1); a pool's shared x_t may
+// be passed as both `x_t_win` and `x_t_lose`.
+typedef struct spo_train_pair {
+  uint32_t prompt;
+  int64_t timestep;
+  const float *x_t_win;
+  const float *x_prev_win;
+  const float *x_t_lose;
+  const float *x_prev_lose;
+} spo_train_pair;
 
 #ifdef __cplusplus
 extern "C" {
@@ -473,6 +523,130 @@ struct spo_error *spo_runtime_set_log_callback(const struct spo_runtime *runtime
                                                spo_log_callback callback,
                                                void *user_data,
                                                int32_t max_level);
+
+// Creates a trainer for `pipeline`. Options: "train.dir" (the training
+// folder made by spo_onnx.export.train from this pipeline's UNet),
+// "train.preference" (a preference-model folder: model.onnx, tokenizer/),
+// "train.preset" ("sdxl", the default: the official SDXL settings; "sd15";
+// "toy"), and any setting over the preset: "train.steps", "train.eta",
+// "train.guidance", "train.pool", "train.inner_steps", "train.divert_start",
+// "train.threshold", "train.prompts_per_round", "train.beta", "train.clip",
+// "train.lr", "train.adam_beta1", "train.adam_beta2", "train.weight_decay",
+// "train.adam_eps", "train.batch", "train.grad_accum", "train.max_grad_norm",
+// "train.grad_clip" ("norm": clipping that clips; "official": the official
+// code's no-op), "train.seed", "train.init_std".
+//
+// Ownership: borrows the arguments; `*out` is freed with `spo_trainer_free`
+// and written only on success; the trainer keeps the pipeline alive.
+// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT,
+// SPO_ERR_UNKNOWN_OPTION / SPO_ERR_INVALID_OPTION_VALUE (naming the key),
+// SPO_ERR_INVALID_MODEL (a training folder that does not fit the pipeline's
+// UNet: the message names both sides), SPO_ERR_UNSUPPORTED, SPO_ERR_ORT.
+struct spo_error *spo_trainer_create(const struct spo_pipeline *pipeline,
+                                     const struct spo_options *options,
+                                     struct spo_trainer **out);
+
+// Sets (or with NULL removes) the progress callback of rounds: called with
+// (done, total) on the thread running `spo_trainer_step`; `done` counts the
+// sampled denoising steps, then the trained pairs. A nonzero return cancels
+// the round.
+//
+// Ownership: `user_data` stays the caller's and must outlive the trainer.
+// Threading: not during another call on this trainer (SPO_ERR_BUSY).
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY.
+struct spo_error *spo_trainer_set_progress_callback(const struct spo_trainer *trainer,
+                                                    spo_progress_callback callback,
+                                                    void *user_data);
+
+// Runs one round: samples the `n` prompts with the current LoRA (pools of
+// candidates, scored by the preference model), then trains on the pairs it
+// kept. `metrics` may be NULL; when given it is written on success.
+//
+// Ownership: borrows `prompts` (an array of `n` UTF-8 strings).
+// Threading: not concurrently with other calls on this trainer
+// (SPO_ERR_BUSY), nor while a job of the pipeline runs (SPO_ERR_BUSY);
+// `spo_trainer_cancel` from another thread stops it. Errors:
+// SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT,
+// SPO_ERR_CANCELLED, SPO_ERR_BUSY, SPO_ERR_ORT, SPO_ERR_INVALID_MODEL. On
+// any error the trainer is as it was before the call (no partial round).
+struct spo_error *spo_trainer_step(const struct spo_trainer *trainer,
+                                   const char *const *prompts,
+                                   size_t n,
+                                   struct spo_train_metrics *metrics);
+
+// Trains on pairs from the host's own sampler: the mini-batches, gradient
+// accumulation, clipping and AdamW of a round, without sampling. `prompts`
+// (`n_prompts` strings) are encoded as the trainer's conditioning; each
+// pair names one by index. `metrics` may be NULL.
+//
+// Ownership: borrows every array. Threading: as `spo_trainer_step`.
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
+// SPO_ERR_INVALID_ARGUMENT (a prompt index or timestep outside the
+// trainer's schedule, named), SPO_ERR_BUSY, SPO_ERR_ORT. On error nothing
+// changes.
+struct spo_error *spo_trainer_update(const struct spo_trainer *trainer,
+                                     const char *const *prompts,
+                                     size_t n_prompts,
+                                     const struct spo_train_pair *pairs,
+                                     size_t n_pairs,
+                                     struct spo_train_metrics *metrics);
+
+// The shape of one latent of `spo_trainer_update`'s pairs: [1, C, h, w].
+//
+// Ownership: `shape` (4 values) is the caller's, written on success.
+// Threading: not during another call on this trainer (SPO_ERR_BUSY).
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY.
+struct spo_error *spo_trainer_latent_shape(const struct spo_trainer *trainer, uint32_t *shape);
+
+// Requests cancellation of the running round. Safe from any thread: the
+// running ONNX Runtime call is terminated and the round ends with
+// SPO_ERR_CANCELLED, leaving the trainer as before it. NULL is a no-op.
+//
+// Threading: any thread. Ownership: borrows `trainer`.
+void spo_trainer_cancel(const struct spo_trainer *trainer);
+
+// Writes the current LoRA to `path`, atomically. `format`: "webui" (kohya
+// names with SGM block numbers and alpha: what A1111 and ComfyUI load) or
+// "diffusers" (what `load_lora_weights` loads); NULL means "webui".
+//
+// Ownership: borrows the arguments. Threading: not during another call on
+// this trainer (SPO_ERR_BUSY). Errors: SPO_ERR_NULL_ARGUMENT,
+// SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT (unknown format), SPO_ERR_IO.
+struct spo_error *spo_trainer_save_lora(const struct spo_trainer *trainer,
+                                        const char *path,
+                                        const char *format);
+
+// Writes a checkpoint (the LoRA, the optimizer state, the round and seed)
+// to `path` atomically: a crash mid-save leaves the previous file whole.
+//
+// Ownership: borrows the arguments. Threading: not during another call on
+// this trainer (SPO_ERR_BUSY). Errors: SPO_ERR_NULL_ARGUMENT,
+// SPO_ERR_INVALID_UTF8, SPO_ERR_IO.
+struct spo_error *spo_trainer_save_checkpoint(const struct spo_trainer *trainer, const char *path);
+
+// Restores a checkpoint of `spo_trainer_save_checkpoint`; training then
+// continues bit for bit as the saved run would have.
+//
+// Ownership: borrows the arguments. Threading: not during another call on
+// this trainer (SPO_ERR_BUSY). Errors: SPO_ERR_NULL_ARGUMENT,
+// SPO_ERR_INVALID_UTF8, SPO_ERR_IO, SPO_ERR_INVALID_FILE (not a checkpoint,
+// or one of other parameters: the key is named). On error nothing changes.
+struct spo_error *spo_trainer_load_checkpoint(const struct spo_trainer *trainer, const char *path);
+
+// Applies the current LoRA to `pipeline` from memory (no file): slots when
+// its UNet has them, merged otherwise. It replaces the pipeline's LoRAs.
+//
+// Ownership: borrows both handles. Threading: not during another call on
+// this trainer, nor while a job of `pipeline` runs (SPO_ERR_BUSY). Errors:
+// SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY, SPO_ERR_INVALID_LORA (the pipeline's
+// UNet lacks a trained module), SPO_ERR_ORT.
+struct spo_error *spo_trainer_apply(const struct spo_trainer *trainer,
+                                    const struct spo_pipeline *pipeline);
+
+// Frees a trainer. NULL is a no-op.
+//
+// Ownership: takes `trainer`. Threading: not while another call on it runs.
+void spo_trainer_free(struct spo_trainer *trainer);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -12,6 +12,7 @@ pub mod lora;
 pub mod options;
 pub mod pipeline;
 pub mod runtime;
+pub mod trainer;
 
 use std::ffi::c_char;
 

@@ -136,56 +136,9 @@ impl GradRunner {
         Ok(())
     }
 
-    /// Checks the training folder against the UNet a pipeline runs: the same
-    /// input names, dtypes and compatible shapes, and every target a linear
-    /// module of that UNet with the parameter shapes' sizes. The error names
-    /// the input or module and both sides.
+    /// [`check_unet`] for this runner's folder.
     pub fn check_unet(&self, unet: &Graph, targets: &BTreeMap<String, WeightTarget>) -> Result<()> {
-        let m = &self.manifest;
-        let here = self.dir.display();
-        for want in &m.unet_inputs {
-            let have = unet.input(&want.name).ok_or_else(|| {
-                Error::invalid_model(format!(
-                    "training folder {here} was built for a UNet with input '{}' {:?}; this UNet \
-                     ({}) has {}",
-                    want.name,
-                    want.shape,
-                    unet.path.display(),
-                    describe(&unet.inputs)
-                ))
-            })?;
-            check_input(want, have).map_err(|e| e.context(format!("training folder {here}")))?;
-        }
-        if let Some(extra) = unet
-            .inputs
-            .iter()
-            .find(|i| !m.unet_inputs.iter().any(|w| w.name == i.name))
-        {
-            return Err(Error::invalid_model(format!(
-                "training folder {here}: the UNet ({}) has input {} that the training graphs \
-                 lack; they were built for another UNet",
-                unet.path.display(),
-                extra.describe()
-            )));
-        }
-        for (module, pair) in m.targets.iter().zip(m.params.chunks(2)) {
-            let t = targets.get(module).ok_or_else(|| {
-                Error::invalid_model(format!(
-                    "training folder {here}: target module '{module}' is not a weight of the \
-                     UNet ({})",
-                    unet.path.display()
-                ))
-            })?;
-            let torch = t.torch_shape();
-            let (a, b) = (&pair[0].shape, &pair[1].shape);
-            if torch.len() != 2 || a[1] != torch[1] || b[0] != torch[0] {
-                return Err(Error::invalid_model(format!(
-                    "training folder {here}: module '{module}' has weight [out,in] {torch:?} in \
-                     the UNet, but LoRA A {a:?} / B {b:?} in the training graphs"
-                )));
-            }
-        }
-        Ok(())
+        check_unet(&self.manifest, &self.dir, unet, targets)
     }
 
     /// [`GradRunner::check_unet`] against the UNet of a model folder.
@@ -651,4 +604,60 @@ fn describe(specs: &[IoSpec]) -> String {
         .map(IoSpec::describe)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Checks the training folder `dir` (manifest `m`) against the UNet a pipeline runs: the same
+/// input names, dtypes and compatible shapes, and every target a linear
+/// module of that UNet with the parameter shapes' sizes. The error names
+/// the input or module and both sides.
+pub fn check_unet(
+    m: &TrainManifest,
+    dir: &Path,
+    unet: &Graph,
+    targets: &BTreeMap<String, WeightTarget>,
+) -> Result<()> {
+    let here = dir.display();
+    for want in &m.unet_inputs {
+        let have = unet.input(&want.name).ok_or_else(|| {
+            Error::invalid_model(format!(
+                "training folder {here} was built for a UNet with input '{}' {:?}; this UNet \
+                 ({}) has {}",
+                want.name,
+                want.shape,
+                unet.path.display(),
+                describe(&unet.inputs)
+            ))
+        })?;
+        check_input(want, have).map_err(|e| e.context(format!("training folder {here}")))?;
+    }
+    if let Some(extra) = unet
+        .inputs
+        .iter()
+        .find(|i| !m.unet_inputs.iter().any(|w| w.name == i.name))
+    {
+        return Err(Error::invalid_model(format!(
+            "training folder {here}: the UNet ({}) has input {} that the training graphs \
+             lack; they were built for another UNet",
+            unet.path.display(),
+            extra.describe()
+        )));
+    }
+    for (module, pair) in m.targets.iter().zip(m.params.chunks(2)) {
+        let t = targets.get(module).ok_or_else(|| {
+            Error::invalid_model(format!(
+                "training folder {here}: target module '{module}' is not a weight of the \
+                 UNet ({})",
+                unet.path.display()
+            ))
+        })?;
+        let torch = t.torch_shape();
+        let (a, b) = (&pair[0].shape, &pair[1].shape);
+        if torch.len() != 2 || a[1] != torch[1] || b[0] != torch[0] {
+            return Err(Error::invalid_model(format!(
+                "training folder {here}: module '{module}' has weight [out,in] {torch:?} in \
+                 the UNet, but LoRA A {a:?} / B {b:?} in the training graphs"
+            )));
+        }
+    }
+    Ok(())
 }

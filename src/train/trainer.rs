@@ -20,6 +20,7 @@ use ndarray::{ArrayD, Axis, IxDyn};
 
 use super::config::{TrainConfig, TrainerSpec};
 use super::grad::GradRunner;
+use super::manifest::TrainManifest;
 use super::optim::{clip_gradients, AdamW};
 use super::preference::PreferenceModel;
 use super::sampler::{sample_prompt, Denoiser, Pair, Schedule};
@@ -100,21 +101,24 @@ impl Trainer {
         spec.config.check()?;
         let rt = pipeline.runtime();
         let inner = &pipeline.inner;
-        let grad = GradRunner::open(rt, &spec.train_dir)?;
-        check_folder(pipeline, &grad)?;
-        let m = grad.manifest();
-        let sample = m.sample.as_deref().ok_or_else(|| {
+        // Everything that can be checked without sessions comes first: a
+        // mismatched folder fails at once, not after loading its graphs.
+        let manifest = TrainManifest::open(&spec.train_dir)?;
+        check_folder(pipeline, &manifest, &spec.train_dir)?;
+        let sample = manifest.sample.as_deref().ok_or_else(|| {
             Error::invalid_model(format!(
                 "{}: the training folder has no sampling graph (sample.onnx); export it again \
                  with this version's spo_onnx.export.train",
                 spec.train_dir.display()
             ))
         })?;
+        let preference = PreferenceModel::open(rt, &spec.preference)?;
         let sampler = Graph::load(rt, "sample", &spec.train_dir.join(sample))?;
-        for p in &m.params {
+        for p in &manifest.params {
             sampler.require_input(&p.key)?;
         }
-        let preference = PreferenceModel::open(rt, &spec.preference)?;
+        let grad = GradRunner::open(rt, &spec.train_dir)?;
+        let m = grad.manifest();
         let cfg = &spec.config;
         let schedule = Schedule::new(&inner.scheduler_config, cfg.steps, cfg.eta)?;
         let channels = m.output_shape().get(1).copied().unwrap_or(0);
@@ -149,6 +153,21 @@ impl Trainer {
 
     pub fn state(&self) -> &TrainState {
         &self.state
+    }
+
+    /// One latent's shape, [1, C, h, w].
+    pub fn latent_shape(&self) -> [usize; 4] {
+        self.latent
+    }
+
+    /// The schedule index of `timestep`; an error names the schedule.
+    pub fn step_index(&self, timestep: i64) -> Result<usize> {
+        let ts = &self.schedule.timesteps;
+        ts.iter().position(|t| *t == timestep).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "timestep {timestep} is not in the trainer's DDIM schedule {ts:?}"
+            ))
+        })
     }
 
     /// The LoRA rank and alpha of the training folder.
@@ -502,23 +521,28 @@ impl Trainer {
 
 /// The training folder must come from the pipeline's UNet: same inputs,
 /// same target modules and sizes.
-fn check_folder(pipeline: &Pipeline, grad: &GradRunner) -> Result<()> {
+fn check_folder(pipeline: &Pipeline, manifest: &TrainManifest, dir: &Path) -> Result<()> {
     let inner = &pipeline.inner;
     let path = inner.folder.graph(Component::Unet.folder());
     let graph = OnnxGraph::open(&path)?;
     let targets = GraphTargets::discover(&graph)?;
-    grad.check_unet(&inner.models.lock().unet, targets.lora_targets()?)?;
+    super::grad::check_unet(
+        manifest,
+        dir,
+        &inner.models.lock().unet,
+        targets.lora_targets()?,
+    )?;
     if inner.scheduler_config.prediction()? != Prediction::Epsilon {
         return Err(Error::unsupported(
             "SPO's log-probabilities are written for epsilon-prediction models",
         ));
     }
-    if grad.manifest().batch != 2 {
+    if manifest.batch != 2 {
         return Err(Error::unsupported(format!(
             "{}: batch {}; the trainer runs one guided pair (batch 2) per call: export with \
              --batch 2",
-            grad.dir().display(),
-            grad.manifest().batch
+            dir.display(),
+            manifest.batch
         )));
     }
     Ok(())

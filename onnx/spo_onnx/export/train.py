@@ -660,7 +660,8 @@ def build_segment(seg, seg_inputs, outputs, params, param_dep, keep_names, log):
         input_grads=[[x, input_grad_name(x)] for x in diff_inputs])
 
 
-def build(unet_dir, out_dir, batch, h, w, seq, rank, alpha, suffixes, segments=1, keep_names=False, log=print):
+def build(unet_dir, out_dir, batch, h, w, seq, rank, alpha, suffixes, segments=1, keep_names=False, sample=True,
+          log=print):
     t0 = time.time()
     info, targets = select_targets(os.path.join(unet_dir, "lora_targets.json"), suffixes)
     model = load_fixed(unet_dir, batch, h, w, seq)
@@ -669,7 +670,8 @@ def build(unet_dir, out_dir, batch, h, w, seq, rank, alpha, suffixes, segments=1
     log(f"injected {len(targets)} targets: {len(model.graph.node)} nodes ({time.time() - t0:.1f} s)")
     param_dep, _ = dependents(list(model.graph.node), params)
     os.makedirs(out_dir, exist_ok=True)
-    save_graph(model, os.path.join(out_dir, SAMPLE))
+    if sample:
+        save_graph(model, os.path.join(out_dir, SAMPLE))
     cuts = cut_points(model, segments) if segments > 1 else []
     entries = []
     for k, (seg, seg_inputs, outputs) in enumerate(segment_models(model, cuts)):
@@ -699,7 +701,7 @@ def build(unet_dir, out_dir, batch, h, w, seq, rank, alpha, suffixes, segments=1
         "unet_inputs": io_list([shapes[n] for n in unet_inputs(model) if n not in params]),
         "output": OUTPUT,
         "cotangent": COTANGENT,
-        "sample": SAMPLE,
+        "sample": SAMPLE if sample else None,
         "segments": entries,
         "params": [{"key": p, "grad": grad_name(p), "accum": accum_name(p),
                     "shape": [d.dim_value for d in shapes[p].type.tensor_type.shape.dim]} for p in params],
@@ -729,13 +731,15 @@ def main(argv=None):
                     help="linear modules to train: full module paths or path suffixes, comma-separated")
     ap.add_argument("--segments", type=int, default=1,
                     help="cut the UNet at block boundaries into K forward/backward pairs (gradient checkpointing)")
+    ap.add_argument("--no-sample", action="store_true",
+                    help="skip sample.onnx (the folder then serves gradients only, not the trainer)")
     ap.add_argument("--keep-names", action="store_true",
                     help="keep the UNet's value and node names (larger files; for profiling)")
     a = ap.parse_args(argv)
     h, w = parse_hw(a.latent)
     build(a.unet, a.out, a.batch, h, w, a.seq, a.rank, a.alpha if a.alpha is not None else float(a.rank),
           tuple(a.targets.split(",")), segments=a.segments,
-          keep_names=a.keep_names)
+          keep_names=a.keep_names, sample=not a.no_sample)
 
 
 if __name__ == "__main__":

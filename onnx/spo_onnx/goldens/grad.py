@@ -107,7 +107,7 @@ def write_case(model, case):
     for suffix, (unet_dir, segments) in case["unets"].items():
         train_graphs.build(os.path.join(ROOT, unet_dir), os.path.join(out_dir, "graphs" + suffix),
                            case["batch"], h, w, case["seq"], case["rank"], case["alpha"], train_graphs.SPO_TARGETS,
-                           segments=segments)
+                           segments=segments, sample=suffix == "")
     print(f"{model}: {len(params)} LoRA tensors, |out| max {out.abs().max():.3g}")
 
 
