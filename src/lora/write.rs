@@ -44,8 +44,9 @@ pub struct LoraOut<'a> {
     pub alpha: f32,
     pub dialect: LoraDialect,
     /// The UNet's block layout: kohya names then use the SGM numbering
-    /// (`lora_unet_input_blocks_4_1_...`), as A1111 and ComfyUI expect for
-    /// SDXL; without it they flatten the diffusers path.
+    /// (`lora_unet_input_blocks_4_1_...`), as kohya, A1111 and ComfyUI name
+    /// SDXL modules; without it they flatten the diffusers path, as kohya
+    /// names SD 1.x modules.
     pub layout: Option<&'a UnetLayout>,
 }
 

@@ -125,7 +125,11 @@ impl Trainer {
         let latent = [1, channels, m.latent_height, m.latent_width];
         let params = initial_params(&grad, cfg);
         let adam = AdamW::new(cfg.adamw(), &params)?;
-        let layout = read_layout(&inner.folder.dir.join("unet/config.json"));
+        // kohya names SDXL modules by SGM block; SD 1.x ones by the
+        // flattened diffusers path (what A1111, ComfyUI and diffusers read).
+        let layout = (inner.folder.kind == ModelKind::Sdxl)
+            .then(|| read_layout(&inner.folder.dir.join("unet/config.json")))
+            .flatten();
         let mut t = Trainer {
             pipeline: pipeline.clone(),
             grad,
@@ -277,7 +281,7 @@ impl Trainer {
         Ok(c)
     }
 
-    /// Writes the current LoRA (kohya names use the SGM numbering).
+    /// Writes the current LoRA (kohya names of SDXL use the SGM numbering).
     pub fn save_lora(&self, path: &Path, dialect: LoraDialect) -> Result<()> {
         write_lora(path, &self.state.params, self.lora_out(dialect))
     }
