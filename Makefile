@@ -36,11 +36,12 @@ build: ort
 	@ln -sf $(ORT_DIR)/libonnxruntime.so* $(LIBDIR)/
 
 ## The main job ----------------------------------------------------------------
-# A real text-to-image run on the bundled tiny SDXL model.
+# A real text-to-image run on the bundled shapes model (a tiny SDXL trained on
+# synthetic shapes; see README "The shapes model").
 demo: setup build
 	@mkdir -p out
-	$(LIBDIR)/spo generate --model tests/fixtures/tiny-sdxl --prompt "a red fox in the snow, oil painting" \
-	  --steps 20 --guidance 5 --seed 42 --out out/demo.png
+	$(LIBDIR)/spo generate --model models/shapes-sdxl --prompt "a red circle on a blue background" \
+	  --steps 25 --guidance 5 --scheduler ddim --seed 42 --width 128 --height 128 --out out/demo.png
 	@echo "demo: wrote out/demo.png"
 
 # C samples, built against the committed header and run once by `make test`.
@@ -53,8 +54,13 @@ tests/c/build/example-cpp-txt2img: examples/cpp/txt2img.cpp bindings/cpp/spo_run
 	@mkdir -p tests/c/build
 	$(CXX) -std=c++17 -Wall -Wextra -Werror -g -I$(CURDIR)/include -I$(CURDIR)/bindings/cpp $< -o $@ $(CLIBS)
 
-examples: $(EXAMPLES) tests/c/build/example-cpp-txt2img
+tests/c/build/example-cpp-train: examples/cpp/train.cpp bindings/cpp/spo_runtime.hpp include/spo_runtime.h build
+	@mkdir -p tests/c/build
+	$(CXX) -std=c++17 -Wall -Wextra -Werror -g -I$(CURDIR)/include -I$(CURDIR)/bindings/cpp $< -o $@ $(CLIBS)
+
+examples: $(EXAMPLES) tests/c/build/example-cpp-txt2img tests/c/build/example-cpp-train
 	./tests/c/build/example-cpp-txt2img tests/fixtures/tiny-sd15 "a lighthouse" tests/fixtures/lora/tiny-sd15/lora_b/kohya_flat.safetensors
+	./tests/c/build/example-cpp-train tests/fixtures/tiny-sd15 tests/fixtures/train/tiny-sd15/graphs tests/fixtures/preference/colour tests/c/build/cpp-trained.safetensors
 	./tests/c/build/example-hello
 	./tests/c/build/example-txt2img tests/fixtures/tiny-sd15 "a lighthouse" tests/c/build/txt2img.png 4
 	@head -c 8 tests/c/build/txt2img.png | od -An -c | grep -q 'P   N   G' || { echo "txt2img did not write a PNG"; exit 1; }

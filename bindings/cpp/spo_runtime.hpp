@@ -136,6 +136,11 @@ class Job {
     check(spo_job_preview(h_.get(), p.latents.data(), p.latents.size(), p.shape, &p.step));
     return p;
   }
+  // Runs the job to the end and takes its images.
+  std::vector<Image> take_images_after_run() {
+    run();
+    return take_images();
+  }
   std::vector<Image> take_images() {
     spo_images* raw = nullptr;
     check(spo_job_take_images(h_.get(), &raw));
@@ -183,9 +188,43 @@ class Pipeline {
     }
     check(spo_pipeline_set_loras(h_.get(), handles.data(), mults.data(), handles.size(), mode));
   }
+  const spo_pipeline* get() const noexcept { return h_.get(); }
 
  private:
   detail::Handle<spo_pipeline, spo_pipeline_free> h_;
+};
+
+// SPO fine-tuning of a LoRA on a pipeline (see spo_trainer_create for the
+// "train.*" options). cancel() is safe from any thread; the other calls on
+// one trainer must not overlap.
+class Trainer {
+ public:
+  Trainer(const Pipeline& pipeline, const Options& options) {
+    spo_trainer* t = nullptr;
+    check(spo_trainer_create(pipeline.get(), options.get(), &t));
+    h_.reset(t);
+  }
+  // One round: sample the prompts with the current LoRA, then train.
+  spo_train_metrics step(const std::vector<std::string>& prompts) {
+    std::vector<const char*> p;
+    for (const auto& s : prompts) p.push_back(s.c_str());
+    spo_train_metrics m{};
+    check(spo_trainer_step(h_.get(), p.data(), p.size(), &m));
+    return m;
+  }
+  void cancel() noexcept { spo_trainer_cancel(h_.get()); }
+  void save_lora(const std::string& path, const std::string& format = "webui") const {
+    check(spo_trainer_save_lora(h_.get(), path.c_str(), format.c_str()));
+  }
+  void save_checkpoint(const std::string& path) const {
+    check(spo_trainer_save_checkpoint(h_.get(), path.c_str()));
+  }
+  void load_checkpoint(const std::string& path) { check(spo_trainer_load_checkpoint(h_.get(), path.c_str())); }
+  // Generates with the current LoRA from then on, without a file.
+  void apply(const Pipeline& pipeline) const { check(spo_trainer_apply(h_.get(), pipeline.get())); }
+
+ private:
+  detail::Handle<spo_trainer, spo_trainer_free> h_;
 };
 
 }  // namespace spo
