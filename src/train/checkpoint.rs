@@ -42,12 +42,20 @@ pub fn save(trainer: &Trainer, path: &Path) -> Result<()> {
     tensors::write_with_metadata(path, &out, Some(meta))
 }
 
-/// Reads `path` into `trainer`, which must train the same parameters.
-/// Nothing changes when the file is bad.
-pub fn load(trainer: &mut Trainer, path: &Path) -> Result<()> {
-    let what = path.display().to_string();
-    let bytes = tensors::read_bytes(path)?;
-    let (_, header) = SafeTensors::read_metadata(&bytes)
+/// A parsed checkpoint.
+#[derive(Debug)]
+pub struct Saved {
+    pub params: NamedTensors,
+    pub moment_1: NamedTensors,
+    pub moment_2: NamedTensors,
+    pub round: u64,
+    pub adam_step: u64,
+    pub seed: u64,
+}
+
+/// Parses a checkpoint file's bytes; `what` names it in errors.
+pub fn parse(bytes: &[u8], what: &str) -> Result<Saved> {
+    let (_, header) = SafeTensors::read_metadata(bytes)
         .map_err(|e| Error::invalid_file(format!("{what}: invalid safetensors header: {e}")))?;
     let meta = header.metadata().clone().unwrap_or_default();
     let field = |k: &str| {
@@ -64,8 +72,7 @@ pub fn load(trainer: &mut Trainer, path: &Path) -> Result<()> {
             .parse()
             .map_err(|_| Error::invalid_file(format!("{what}: '{k}' is not an integer")))
     };
-    let (round, adam_step, seed) = (number("round")?, number("adam_step")?, number("seed")?);
-    let mut all = tensors::from_bytes(&bytes, &what)?;
+    let mut all = tensors::from_bytes(bytes, what)?;
     let mut take = |prefix: &str| -> NamedTensors {
         let keys: Vec<String> = all
             .keys()
@@ -79,23 +86,36 @@ pub fn load(trainer: &mut Trainer, path: &Path) -> Result<()> {
             })
             .collect()
     };
-    let (params, m, v) = (take(LORA), take(MOMENT_1), take(MOMENT_2));
+    let (params, moment_1, moment_2) = (take(LORA), take(MOMENT_1), take(MOMENT_2));
     if let Some(k) = all.keys().next() {
         return Err(Error::invalid_file(format!(
             "{what}: unexpected tensor '{k}'"
         )));
     }
+    Ok(Saved {
+        params,
+        moment_1,
+        moment_2,
+        round: number("round")?,
+        adam_step: number("adam_step")?,
+        seed: number("seed")?,
+    })
+}
+
+/// Reads `path` into `trainer`, which must train the same parameters.
+/// Nothing changes when the file is bad.
+pub fn load(trainer: &mut Trainer, path: &Path) -> Result<()> {
+    let what = path.display().to_string();
+    let saved = parse(&tensors::read_bytes(path)?, &what)?;
     let mut adam = trainer.state().adam.clone();
-    adam.restore(adam_step, m, v)
+    adam.restore(saved.adam_step, saved.moment_1, saved.moment_2)
         .map_err(|e| e.context(&what))?;
+    let state = TrainState {
+        params: saved.params,
+        adam,
+        round: saved.round,
+    };
     trainer
-        .restore(
-            TrainState {
-                params,
-                adam,
-                round,
-            },
-            seed,
-        )
+        .restore(state, saved.seed)
         .map_err(|e| e.context(&what))
 }
