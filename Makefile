@@ -119,3 +119,4 @@ bench: build
 	bash scripts/bench.sh --model tests/fixtures/tiny-sd15 --steps 20 --repeats 5
 	bash scripts/bench.sh --model tests/fixtures/tiny-sdxl --steps 20 --repeats 5
 	bash scripts/bench_grad.sh --repeats 5 --rounds 2
+	bash scripts/bench_train.sh --rounds 4

@@ -199,6 +199,8 @@ typedef struct spo_train_metrics {
   double time_forward;
   double time_backward;
   double time_optimizer;
+  // The whole call, wall clock.
+  double time_total;
 } spo_train_metrics;
 
 // One (win, lose) pair for `spo_trainer_update`: the transition x_t ->

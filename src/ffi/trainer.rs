@@ -57,6 +57,8 @@ pub struct spo_train_metrics {
     pub time_forward: f64,
     pub time_backward: f64,
     pub time_optimizer: f64,
+    /// The whole call, wall clock.
+    pub time_total: f64,
 }
 
 impl From<&RoundMetrics> for spo_train_metrics {
@@ -79,6 +81,7 @@ impl From<&RoundMetrics> for spo_train_metrics {
             time_forward: m.time_forward,
             time_backward: m.time_backward,
             time_optimizer: m.time_optimizer,
+            time_total: m.time_total,
         }
     }
 }

@@ -76,6 +76,8 @@ pub struct RoundMetrics {
     pub time_forward: f64,
     pub time_backward: f64,
     pub time_optimizer: f64,
+    /// The whole round, wall clock.
+    pub time_total: f64,
 }
 
 /// The trainer. One thread at a time; [`Trainer::cancel_token`] works from any.
@@ -233,6 +235,7 @@ impl Trainer {
     /// each pair's conditioning ([`Trainer::condition`]). The pairs are used
     /// in the order given, in mini-batches as configured.
     pub fn update(&mut self, pairs: &[Pair], conds: &[NamedTensors]) -> Result<RoundMetrics> {
+        let start = Instant::now();
         let _busy = BusyGuard::acquire(&self.pipeline)?;
         let snapshot = self.state.clone();
         let mut metrics = RoundMetrics {
@@ -247,6 +250,7 @@ impl Trainer {
             return Err(e);
         }
         finish(&mut metrics, &[], &[]);
+        metrics.time_total = start.elapsed().as_secs_f64();
         Ok(metrics)
     }
 
@@ -311,6 +315,7 @@ impl Trainer {
     }
 
     fn round(&mut self, prompts: &[&str]) -> Result<RoundMetrics> {
+        let start = Instant::now();
         let cfg = self.spec.config.clone();
         let mut rng = TorchRng::new(stream_seed(cfg.seed, self.state.round));
         let conds: Vec<NamedTensors> = prompts
@@ -340,6 +345,7 @@ impl Trainer {
         self.train_pairs(&pairs, &conds, &mut metrics, &mut ticks)?;
         self.state.round += 1;
         finish(&mut metrics, &scores, &gaps);
+        metrics.time_total = start.elapsed().as_secs_f64();
         Ok(metrics)
     }
 
