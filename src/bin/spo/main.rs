@@ -3,6 +3,7 @@
 //!   spo generate --model DIR --prompt "..." [--out out.png] ...
 //!   spo info --model DIR
 //!   spo train --model DIR --train-dir DIR --spm DIR --prompts FILE --out LORA
+//!   spo score --spm DIR --prompt "..." IMAGE.png...
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -60,6 +61,8 @@ enum Command {
     Grad(Box<Grad>),
     /// Fine-tune a LoRA with SPO (step-aware preference optimization).
     Train(Box<train::Train>),
+    /// Score PNG images with a preference model.
+    Score(Box<train::Score>),
     /// Print a model folder's components, dtypes, shapes and providers.
     Info {
         #[arg(long)]
@@ -406,6 +409,7 @@ fn main() -> ExitCode {
         Command::Info { model, rt } => info(&model, &rt),
         Command::Grad(g) => grad(*g),
         Command::Train(t) => train::run(*t),
+        Command::Score(s) => train::score(*s),
         Command::Lora {
             command: LoraCommand::Inspect { file, model },
         } => lora_inspect(&file, &model),

@@ -1,12 +1,14 @@
 //! `spo train`: SPO fine-tuning of a LoRA from a prompts file, with a
-//! progress line, a JSON-lines metrics log and resumable checkpoints.
+//! progress line, a JSON-lines metrics log and resumable checkpoints; and
+//! `spo score`: a preference model's scores of image files.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use clap::Args;
 use spo_runtime::lora::LoraDialect;
-use spo_runtime::pipeline::Pipeline;
+use spo_runtime::pipeline::{Image, Pipeline};
+use spo_runtime::train::preference::PreferenceModel;
 use spo_runtime::train::{checkpoint, RoundMetrics, Trainer, TrainerSpec};
 use spo_runtime::{Error, Options, Result};
 
@@ -65,12 +67,47 @@ pub struct Train {
     rt: RuntimeArgs,
 }
 
-fn options(t: &Train) -> Result<Options> {
-    let spm = if t.spm.is_file() {
-        t.spm.parent().unwrap_or(Path::new(".")).to_path_buf()
+#[derive(Args)]
+pub struct Score {
+    /// The preference model: its folder, or its model.onnx.
+    #[arg(long)]
+    spm: PathBuf,
+    /// The prompt the images are judged against.
+    #[arg(long)]
+    prompt: String,
+    /// The denoising timestep the images stand for (0: final images).
+    #[arg(long, default_value_t = 0)]
+    timestep: i64,
+    /// PNG files.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    #[command(flatten)]
+    rt: RuntimeArgs,
+}
+
+/// A preference model's folder from `--spm` (the folder or its graph).
+fn spm_dir(spm: &Path) -> PathBuf {
+    if spm.is_file() {
+        spm.parent().unwrap_or(Path::new(".")).to_path_buf()
     } else {
-        t.spm.clone()
-    };
+        spm.to_path_buf()
+    }
+}
+
+/// Prints "score<TAB>path" per image.
+pub fn score(s: Score) -> Result<()> {
+    let rt = crate::runtime(&s.rt)?;
+    let mut model = PreferenceModel::open(&rt, &spm_dir(&s.spm))?;
+    for path in &s.images {
+        let image = Image::read_png(path)?.to_tensor();
+        let v = model.score(&image, &[s.timestep], &[s.prompt.as_str()])?;
+        println!("{}\t{}", v[0], path.display());
+    }
+    Ok(())
+}
+
+fn options(t: &Train) -> Result<Options> {
+    let spm = spm_dir(&t.spm);
     let mut o = Options::new();
     o.set("train.dir", &t.train_dir.to_string_lossy())?;
     o.set("train.preference", &spm.to_string_lossy())?;
