@@ -54,6 +54,20 @@ pub struct spo_image {
     pub data: *const u8,
 }
 
+/// A host's progress callback as the Rust API's (a nonzero return cancels).
+pub(crate) fn progress_fn(
+    callback: spo_progress_callback,
+    user_data: *mut c_void,
+) -> Option<Box<crate::pipeline::job::ProgressFn>> {
+    callback.map(|cb| {
+        let ud = UserData::new(user_data);
+        Box::new(move |done: usize, total: usize| {
+            // SAFETY: the host registered `cb` for exactly this use.
+            unsafe { cb(ud.get(), done as u32, total as u32) == 0 }
+        }) as Box<crate::pipeline::job::ProgressFn>
+    })
+}
+
 fn lock(job: &spo_job) -> Result<parking_lot::MutexGuard<'_, Job>> {
     job.job
         .try_lock()
@@ -116,14 +130,7 @@ pub extern "C" fn spo_job_set_progress_callback(
 ) -> *mut spo_error {
     call(|| {
         let mut j = lock(arg_ref(job, "job")?)?;
-        let f = callback.map(|cb| {
-            let ud = UserData::new(user_data);
-            Box::new(move |done: usize, total: usize| {
-                // SAFETY: the host registered `cb` for exactly this use.
-                unsafe { cb(ud.get(), done as u32, total as u32) == 0 }
-            }) as Box<crate::pipeline::job::ProgressFn>
-        });
-        j.set_progress(f);
+        j.set_progress(progress_fn(callback, user_data));
         Ok(())
     })
 }

@@ -8,9 +8,9 @@ use ndarray::{ArrayD, IxDyn};
 use parking_lot::Mutex;
 
 use super::boundary::{
-    arg_ref, arg_str, call, call_or, free_handle, into_handle, out_slot, spo_error, UserData,
+    arg_ref, arg_str, call, call_or, free_handle, into_handle, out_slot, spo_error,
 };
-use super::job::spo_progress_callback;
+use super::job::{progress_fn, spo_progress_callback};
 use super::options::spo_options;
 use super::pipeline::spo_pipeline;
 use crate::error::{Error, ErrorCode, Result};
@@ -186,14 +186,7 @@ pub extern "C" fn spo_trainer_set_progress_callback(
 ) -> *mut spo_error {
     call(|| {
         let mut t = lock(arg_ref(trainer, "trainer")?)?;
-        let f = callback.map(|cb| {
-            let ud = UserData::new(user_data);
-            Box::new(move |done: usize, total: usize| {
-                // SAFETY: the host registered `cb` for exactly this use.
-                unsafe { cb(ud.get(), done as u32, total as u32) == 0 }
-            }) as Box<crate::pipeline::job::ProgressFn>
-        });
-        t.set_progress(f);
+        t.set_progress(progress_fn(callback, user_data));
         Ok(())
     })
 }
