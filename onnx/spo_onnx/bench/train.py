@@ -51,6 +51,7 @@ def load(model):
     return pipe
 
 
+@torch.no_grad()
 def conditioning(pipe, prompt):
     e, ne, p, np_ = pipe.encode_prompt(prompt, negative_prompt="", do_classifier_free_guidance=True)
     h = w = 64.0  # the tiny fixture's 8x8 latents, decoded

@@ -44,6 +44,9 @@ struct RuntimeArgs {
     /// Print informational log messages.
     #[arg(long, short)]
     verbose: bool,
+    /// ONNX Runtime's intra-op threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -193,6 +196,9 @@ fn runtime(args: &RuntimeArgs) -> Result<Runtime> {
     let mut o = Options::new();
     o.set("ep", &args.ep)?;
     o.set("ep.strict", if args.ep_strict { "true" } else { "false" })?;
+    if let Some(t) = args.threads {
+        o.set("threads.intra", &t.to_string())?;
+    }
     Runtime::new(&o, logger)
 }
 
