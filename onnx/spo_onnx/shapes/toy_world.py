@@ -84,7 +84,7 @@ def measure(tmp_path):
     lora = tmp_path / "toy.safetensors"
     spo("train", "--model", MODEL, "--train-dir", str(train_dir), "--spm", SPM, "--prompts",
         str(tmp_path / "prompts.txt"), "--out", str(lora), "--preset", "toy", "--rounds", str(ROUNDS),
-        "--format", "webui")
+        "--format", "webui", *os.environ.get("SPO_TOY_ARGS", "").split())
     base = scores(tmp_path, "base", held)
     trained = scores(tmp_path, "lora", held, lora)
     d = [t - b for t, b in zip(trained, base)]
@@ -95,5 +95,9 @@ def measure(tmp_path):
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as d:
-        measure(Path(d))
+    if len(sys.argv) > 1:  # keep the work folder (LoRA, metrics log, images)
+        os.makedirs(sys.argv[1], exist_ok=True)
+        measure(Path(sys.argv[1]))
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            measure(Path(d))
