@@ -66,6 +66,9 @@ enum spo_code
   SPO_ERR_CANCELLED = 31,
   // Valid but not supported by this build or model.
   SPO_ERR_UNSUPPORTED = 40,
+  // Memory for a buffer could not be allocated, in this library or in ONNX
+  // Runtime. Nothing was changed; a smaller request (size, batch) may fit.
+  SPO_ERR_OUT_OF_MEMORY = 50,
   // A Rust panic was caught at the C boundary (a bug: please report it).
   SPO_ERR_PANIC = 99,
 };
@@ -267,12 +270,20 @@ void spo_error_free(struct spo_error *error);
 // "long_prompt" ("truncate", the default: the first 75 tokens, as diffusers;
 // "chunks": A1111-style 75-token windows encoded one by one and concatenated).
 //
+// Width, height (and their product), steps, num_images and the init image's
+// size (read from its PNG header) are checked here against the runtime's
+// `limits.*` options, before anything is allocated; a refusal names the
+// value, the limit and the option ("width 100000 exceeds the limit 16384
+// (option limits.max_side)").
+//
 // A pipeline holds one active job: from creation until the job finishes,
 // fails, is cancelled or is freed. Creating another meanwhile is SPO_ERR_BUSY.
 //
 // Ownership: borrows the arguments; `*out` is freed with `spo_job_free` and
 // written only on success. Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT,
-// SPO_ERR_UNKNOWN_OPTION, SPO_ERR_INVALID_OPTION_VALUE (names the key), SPO_ERR_BUSY.
+// SPO_ERR_UNKNOWN_OPTION, SPO_ERR_INVALID_OPTION_VALUE (names the key, or the
+// limit exceeded), SPO_ERR_INVALID_ARGUMENT (init image of another size),
+// SPO_ERR_INVALID_FILE, SPO_ERR_BUSY.
 struct spo_error *spo_job_create(const struct spo_pipeline *pipeline,
                                  const struct spo_options *options,
                                  struct spo_job **out);
@@ -354,12 +365,14 @@ struct spo_error *spo_images_get(const struct spo_images *images,
 void spo_images_free(struct spo_images *images);
 
 // Loads a LoRA safetensors file: kohya/A1111 "webui" (both SDXL dialects),
-// diffusers/PEFT, LoCon, LoHa, LoKr, DoRA. `runtime` ties the load to a
-// runtime for future device placement; it is only checked today.
+// diffusers/PEFT, LoCon, LoHa, LoKr, DoRA. The file must be a regular file
+// within the runtime's `limits.max_file_bytes`.
 //
 // Ownership: `*out` is freed with `spo_lora_free`; written only on success.
 // Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
-// SPO_ERR_IO, SPO_ERR_INVALID_LORA (names the file, key and shape).
+// SPO_ERR_IO, SPO_ERR_INVALID_LORA (names the file, key and shape),
+// SPO_ERR_INVALID_FILE (not a regular file), SPO_ERR_INVALID_OPTION_VALUE
+// (over the size limit), SPO_ERR_OUT_OF_MEMORY.
 struct spo_error *spo_lora_load(const struct spo_runtime *runtime,
                                 const char *path,
                                 struct spo_lora **out);
@@ -404,9 +417,19 @@ struct spo_error *spo_options_create(struct spo_options **out);
 //
 // Runtime keys: "ep" (ordered list, default "cuda,cpu"), "ep.strict"
 // ("true" makes an unavailable provider an error instead of a logged fallback),
-// "ort.library_path", "log.level", "threads.intra", and the CUDA pass-through
-// keys "cuda.device_id", "cuda.arena_extend_strategy",
+// "ort.library_path", "log.level", "threads.intra" (0: one per core), and the
+// CUDA pass-through keys "cuda.device_id", "cuda.arena_extend_strategy",
 // "cuda.cudnn_conv_algo_search", "cuda.gpu_mem_limit", "cuda.enable_cuda_graph".
+//
+// Limits (runtime keys, positive integers; every pipeline, job and LoRA load
+// of the runtime keeps them, and a refusal names the value, the limit and the
+// key): "limits.max_side" (pixels per image side, default 16384),
+// "limits.max_pixels" (width x height, default 67108864 = 8192²),
+// "limits.max_batch" (num_images, default 64), "limits.max_steps" (default
+// 1000), "limits.max_prompt_windows" (77-token windows of a prompt, default
+// 64), "limits.max_file_bytes" (LoRA, .npy, PNG and prompt files, default
+// 8 GiB; only regular files are read), "limits.max_threads" ("threads.intra",
+// default 4 per core, at most 4096).
 //
 // Ownership: copies both strings. Threading: not concurrently with other use
 // of the same object. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
@@ -492,8 +515,9 @@ void spo_pipeline_free(struct spo_pipeline *pipeline);
 // Threading: any thread; ONNX Runtime is loaded once per process, so a second
 // runtime asking for a different library file is refused.
 // Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_ABI_MISMATCH, SPO_ERR_UNKNOWN_OPTION,
-// SPO_ERR_INVALID_OPTION_VALUE, SPO_ERR_ORT_LOAD (the message lists every
-// place searched), SPO_ERR_EP_UNAVAILABLE.
+// SPO_ERR_INVALID_OPTION_VALUE (also "threads.intra" above
+// "limits.max_threads"), SPO_ERR_ORT_LOAD (the message lists every place
+// searched), SPO_ERR_EP_UNAVAILABLE.
 struct spo_error *spo_runtime_create(uint32_t abi_version,
                                      const struct spo_options *options,
                                      struct spo_runtime **out);

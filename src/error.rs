@@ -5,7 +5,7 @@ use std::fmt;
 
 /// Stable error codes. Never renumber or reuse one; retire by comment.
 /// Grouped by source: 1-9 arguments, 10-19 ONNX Runtime, 20-29 files and models,
-/// 30-39 job control, 40-49 capability, 99 panic.
+/// 30-39 job control, 40-49 capability, 50-59 resources, 99 panic.
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
@@ -41,6 +41,8 @@ pub enum ErrorCode {
     Cancelled = 31,
     /// The request is valid but not supported by this build or model.
     Unsupported = 40,
+    /// Memory for a buffer could not be allocated (here or in ONNX Runtime).
+    OutOfMemory = 50,
     /// A Rust panic was caught at the C boundary.
     Panic = 99,
 }
@@ -66,6 +68,7 @@ impl ErrorCode {
             Busy,
             Cancelled,
             Unsupported,
+            OutOfMemory,
             Panic,
         ]
         .into_iter()
@@ -124,7 +127,9 @@ impl std::error::Error for Error {}
 
 impl From<ort::Error> for Error {
     fn from(e: ort::Error) -> Self {
-        Error::new(ErrorCode::Ort, format!("onnx runtime: {e}"))
+        let message = e.to_string();
+        crate::memory::ort_out_of_memory(&message)
+            .unwrap_or_else(|| Error::new(ErrorCode::Ort, format!("onnx runtime: {message}")))
     }
 }
 

@@ -7,7 +7,9 @@
 
 pub mod error;
 pub mod ffi;
+pub mod limits;
 pub mod lora;
+pub mod memory;
 pub mod model;
 pub mod options;
 pub mod pipeline;

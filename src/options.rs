@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, ErrorCode, Result};
+use crate::limits;
 
 /// Every key the library understands, with the call that consumes it. A key may
 /// match a prefix entry ending in `.` (e.g. `cuda.`) for pass-through groups.
@@ -15,6 +16,13 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
     ("ort.library_path", "runtime"),
     ("log.level", "runtime"),
     ("threads.intra", "runtime"),
+    (limits::MAX_SIDE, "runtime"),
+    (limits::MAX_PIXELS, "runtime"),
+    (limits::MAX_BATCH, "runtime"),
+    (limits::MAX_STEPS, "runtime"),
+    (limits::MAX_PROMPT_WINDOWS, "runtime"),
+    (limits::MAX_FILE_BYTES, "runtime"),
+    (limits::MAX_THREADS, "runtime"),
     ("cuda.device_id", "runtime"),
     ("cuda.arena_extend_strategy", "runtime"),
     ("cuda.cudnn_conv_algo_search", "runtime"),

@@ -44,6 +44,9 @@ pub enum spo_code {
     SPO_ERR_CANCELLED = 31,
     /// Valid but not supported by this build or model.
     SPO_ERR_UNSUPPORTED = 40,
+    /// Memory for a buffer could not be allocated, in this library or in ONNX
+    /// Runtime. Nothing was changed; a smaller request (size, batch) may fit.
+    SPO_ERR_OUT_OF_MEMORY = 50,
     /// A Rust panic was caught at the C boundary (a bug: please report it).
     SPO_ERR_PANIC = 99,
 }
@@ -68,6 +71,7 @@ impl From<ErrorCode> for spo_code {
             ErrorCode::Busy => SPO_ERR_BUSY,
             ErrorCode::Cancelled => SPO_ERR_CANCELLED,
             ErrorCode::Unsupported => SPO_ERR_UNSUPPORTED,
+            ErrorCode::OutOfMemory => SPO_ERR_OUT_OF_MEMORY,
             ErrorCode::Panic => SPO_ERR_PANIC,
         }
     }

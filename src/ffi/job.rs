@@ -87,12 +87,20 @@ fn lock(job: &spo_job) -> Result<parking_lot::MutexGuard<'_, Job>> {
 /// "long_prompt" ("truncate", the default: the first 75 tokens, as diffusers;
 /// "chunks": A1111-style 75-token windows encoded one by one and concatenated).
 ///
+/// Width, height (and their product), steps, num_images and the init image's
+/// size (read from its PNG header) are checked here against the runtime's
+/// `limits.*` options, before anything is allocated; a refusal names the
+/// value, the limit and the option ("width 100000 exceeds the limit 16384
+/// (option limits.max_side)").
+///
 /// A pipeline holds one active job: from creation until the job finishes,
 /// fails, is cancelled or is freed. Creating another meanwhile is SPO_ERR_BUSY.
 ///
 /// Ownership: borrows the arguments; `*out` is freed with `spo_job_free` and
 /// written only on success. Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT,
-/// SPO_ERR_UNKNOWN_OPTION, SPO_ERR_INVALID_OPTION_VALUE (names the key), SPO_ERR_BUSY.
+/// SPO_ERR_UNKNOWN_OPTION, SPO_ERR_INVALID_OPTION_VALUE (names the key, or the
+/// limit exceeded), SPO_ERR_INVALID_ARGUMENT (init image of another size),
+/// SPO_ERR_INVALID_FILE, SPO_ERR_BUSY.
 #[no_mangle]
 pub extern "C" fn spo_job_create(
     pipeline: *const spo_pipeline,

@@ -29,12 +29,14 @@ pub enum spo_lora_mode {
 }
 
 /// Loads a LoRA safetensors file: kohya/A1111 "webui" (both SDXL dialects),
-/// diffusers/PEFT, LoCon, LoHa, LoKr, DoRA. `runtime` ties the load to a
-/// runtime for future device placement; it is only checked today.
+/// diffusers/PEFT, LoCon, LoHa, LoKr, DoRA. The file must be a regular file
+/// within the runtime's `limits.max_file_bytes`.
 ///
 /// Ownership: `*out` is freed with `spo_lora_free`; written only on success.
 /// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
-/// SPO_ERR_IO, SPO_ERR_INVALID_LORA (names the file, key and shape).
+/// SPO_ERR_IO, SPO_ERR_INVALID_LORA (names the file, key and shape),
+/// SPO_ERR_INVALID_FILE (not a regular file), SPO_ERR_INVALID_OPTION_VALUE
+/// (over the size limit), SPO_ERR_OUT_OF_MEMORY.
 #[no_mangle]
 pub extern "C" fn spo_lora_load(
     runtime: *const spo_runtime,
@@ -43,9 +45,9 @@ pub extern "C" fn spo_lora_load(
 ) -> *mut spo_error {
     call(|| {
         let out = out_slot(out, "out")?;
-        arg_ref(runtime, "runtime")?;
+        let runtime = arg_ref(runtime, "runtime")?;
         let path = arg_str(path, "path")?;
-        let lora = Lora::open(Path::new(path))?;
+        let lora = Lora::open_limited(Path::new(path), runtime.runtime.limits())?;
         *out = into_handle(spo_lora { lora });
         Ok(())
     })

@@ -76,9 +76,19 @@ pub extern "C" fn spo_options_create(out: *mut *mut spo_options) -> *mut spo_err
 ///
 /// Runtime keys: "ep" (ordered list, default "cuda,cpu"), "ep.strict"
 /// ("true" makes an unavailable provider an error instead of a logged fallback),
-/// "ort.library_path", "log.level", "threads.intra", and the CUDA pass-through
-/// keys "cuda.device_id", "cuda.arena_extend_strategy",
+/// "ort.library_path", "log.level", "threads.intra" (0: one per core), and the
+/// CUDA pass-through keys "cuda.device_id", "cuda.arena_extend_strategy",
 /// "cuda.cudnn_conv_algo_search", "cuda.gpu_mem_limit", "cuda.enable_cuda_graph".
+///
+/// Limits (runtime keys, positive integers; every pipeline, job and LoRA load
+/// of the runtime keeps them, and a refusal names the value, the limit and the
+/// key): "limits.max_side" (pixels per image side, default 16384),
+/// "limits.max_pixels" (width x height, default 67108864 = 8192²),
+/// "limits.max_batch" (num_images, default 64), "limits.max_steps" (default
+/// 1000), "limits.max_prompt_windows" (77-token windows of a prompt, default
+/// 64), "limits.max_file_bytes" (LoRA, .npy, PNG and prompt files, default
+/// 8 GiB; only regular files are read), "limits.max_threads" ("threads.intra",
+/// default 4 per core, at most 4096).
 ///
 /// Ownership: copies both strings. Threading: not concurrently with other use
 /// of the same object. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,

@@ -28,8 +28,9 @@ pub struct spo_runtime {
 /// Threading: any thread; ONNX Runtime is loaded once per process, so a second
 /// runtime asking for a different library file is refused.
 /// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_ABI_MISMATCH, SPO_ERR_UNKNOWN_OPTION,
-/// SPO_ERR_INVALID_OPTION_VALUE, SPO_ERR_ORT_LOAD (the message lists every
-/// place searched), SPO_ERR_EP_UNAVAILABLE.
+/// SPO_ERR_INVALID_OPTION_VALUE (also "threads.intra" above
+/// "limits.max_threads"), SPO_ERR_ORT_LOAD (the message lists every place
+/// searched), SPO_ERR_EP_UNAVAILABLE.
 #[no_mangle]
 pub extern "C" fn spo_runtime_create(
     abi_version: u32,

@@ -309,14 +309,19 @@ impl PeftAlpha {
 }
 
 impl LoraFile {
-    /// Reads a `.safetensors` LoRA. A sibling `adapter_config.json` supplies
-    /// PEFT's `lora_alpha` / `r` when the file has no alpha of its own.
+    /// Reads a `.safetensors` LoRA within the default limits (see [`Self::open_limited`]).
     pub fn open(path: impl AsRef<Path>) -> Result<LoraFile> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::open_limited(path.as_ref(), &crate::limits::Limits::default())
+    }
+
+    /// Reads a `.safetensors` LoRA: a regular file within `limits.max_file_bytes`.
+    /// A sibling `adapter_config.json` supplies PEFT's `lora_alpha` / `r` when
+    /// the file has no alpha of its own.
+    pub fn open_limited(path: &Path, limits: &crate::limits::Limits) -> Result<LoraFile> {
+        let bytes = limits.read_file(path)?;
         let cfg_path = path.with_file_name("adapter_config.json");
         let config = if cfg_path.is_file() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            let text = limits.read_text(&cfg_path)?;
             let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
                 Error::invalid_lora(format!("{}: not valid JSON: {e}", cfg_path.display()))
             })?;

@@ -3,6 +3,7 @@
 
 pub mod folder;
 pub mod graph;
+pub mod npy;
 pub mod onnx_proto;
 pub mod tensors;
 pub mod upcast;

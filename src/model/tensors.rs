@@ -10,12 +10,11 @@ use ndarray::{ArrayD, IxDyn};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::limits::Limits;
+use crate::memory;
 
 /// Named tensors, sorted by name.
 pub type NamedTensors = BTreeMap<String, ArrayD<f32>>;
-
-/// Files above this are refused unread (a rank-64 SDXL LoRA is ~0.7 GB).
-const MAX_FILE_BYTES: u64 = 8 << 30;
 
 /// Reads every tensor of a safetensors file as f32.
 pub fn read(path: &Path) -> Result<NamedTensors> {
@@ -23,16 +22,9 @@ pub fn read(path: &Path) -> Result<NamedTensors> {
 }
 
 /// A safetensors file's bytes, refused unread when it is not a regular file
-/// or is over the size limit.
+/// or is over the default `limits.max_file_bytes`.
 pub fn read_bytes(path: &Path) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() || meta.len() > MAX_FILE_BYTES {
-        return Err(Error::invalid_file(format!(
-            "{}: not a regular file of at most {MAX_FILE_BYTES} bytes",
-            path.display()
-        )));
-    }
-    std::fs::read(path).map_err(|e| Error::io(path, e))
+    Limits::default().read_file(path)
 }
 
 /// Parses an in-memory safetensors file; `what` names it in messages.
@@ -47,11 +39,14 @@ pub fn from_bytes(bytes: &[u8], what: &str) -> Result<NamedTensors> {
                 view.dtype()
             )));
         }
-        let data: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let bytes = view.data();
+        let data = memory::collect(
+            bytes.len() / 4,
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            &format!("{what}: tensor '{name}'"),
+        )?;
         let a = ArrayD::from_shape_vec(IxDyn(view.shape()), data)
             .map_err(|e| Error::invalid_file(format!("{what}: tensor '{name}': {e}")))?;
         out.insert(name, a);

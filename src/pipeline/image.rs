@@ -7,6 +7,8 @@ use std::path::Path;
 use ndarray::{ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
+use crate::limits::Limits;
+use crate::memory;
 
 /// A tightly packed RGB8 image (stride = 3 * width).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,58 +34,71 @@ impl Image {
         let (b, h, w) = (s[0], s[2], s[3]);
         let x = x.as_standard_layout();
         let data = x.as_slice().expect("standard layout");
-        Ok((0..b)
-            .map(|n| {
-                let mut rgb = vec![0u8; h * w * 3];
-                for c in 0..3 {
-                    let plane = &data[(n * 3 + c) * h * w..(n * 3 + c + 1) * h * w];
-                    for (i, v) in plane.iter().enumerate() {
-                        let unit = (v / 2.0 + 0.5).clamp(0.0, 1.0);
-                        rgb[i * 3 + c] = (unit * 255.0).round() as u8;
-                    }
+        let mut out = memory::with_capacity(b, "the images")?;
+        for n in 0..b {
+            let mut rgb = memory::filled(h * w * 3, 0u8, "an image")?;
+            for c in 0..3 {
+                let plane = &data[(n * 3 + c) * h * w..(n * 3 + c + 1) * h * w];
+                for (i, v) in plane.iter().enumerate() {
+                    let unit = (v / 2.0 + 0.5).clamp(0.0, 1.0);
+                    rgb[i * 3 + c] = (unit * 255.0).round() as u8;
                 }
-                Image {
-                    width: w,
-                    height: h,
-                    rgb,
-                }
-            })
-            .collect())
+            }
+            out.push(Image {
+                width: w,
+                height: h,
+                rgb,
+            });
+        }
+        Ok(out)
     }
 
     /// The VAE encoder input [1, 3, H, W] in [-1, 1] (diffusers' preprocessing:
     /// `x / 255 * 2 - 1`).
-    pub fn to_tensor(&self) -> ArrayD<f32> {
+    pub fn to_tensor(&self) -> Result<ArrayD<f32>> {
         let (h, w) = (self.height, self.width);
-        let mut out = vec![0f32; 3 * h * w];
+        let mut out = memory::filled(3 * h * w, 0f32, "the image tensor")?;
         for i in 0..h * w {
             for c in 0..3 {
                 out[c * h * w + i] = self.rgb[i * 3 + c] as f32 / 255.0 * 2.0 - 1.0;
             }
         }
-        ArrayD::from_shape_vec(IxDyn(&[1, 3, h, w]), out).expect("sizes match")
+        Ok(ArrayD::from_shape_vec(IxDyn(&[1, 3, h, w]), out).expect("sizes match"))
     }
 
-    /// Reads an 8-bit PNG (RGB, RGBA, gray or gray+alpha; alpha is dropped).
+    /// Reads an 8-bit PNG (RGB, RGBA, gray or gray+alpha; alpha is dropped)
+    /// within the default [`Limits`].
     pub fn read_png(path: &Path) -> Result<Image> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        Self::read_png_limited(path, &Limits::default(), None)
+    }
+
+    /// Checks a PNG's size from its header alone, without decoding: against
+    /// `limits`, and against `expect` (width, height), the size of the job
+    /// that will use it.
+    pub fn check_png(path: &Path, limits: &Limits, expect: (usize, usize)) -> Result<()> {
+        open_png(path, limits, Some(expect)).map(|_| ())
+    }
+
+    /// Reads a PNG whose header passes [`Image::check_png`] (when `expect` is
+    /// given) and `limits`; the pixel buffers are allocated fallibly.
+    pub fn read_png_limited(
+        path: &Path,
+        limits: &Limits,
+        expect: Option<(usize, usize)>,
+    ) -> Result<Image> {
+        let mut reader = open_png(path, limits, expect)?;
         let bad = |e: &dyn std::fmt::Display| {
             Error::invalid_file(format!("{}: not a readable PNG: {e}", path.display()))
         };
-        let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
-        decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-        let mut reader = decoder.read_info().map_err(|e| bad(&e))?;
-        let mut buf = vec![
-            0;
-            reader
-                .output_buffer_size()
-                .ok_or_else(|| bad(&"image too large"))?
-        ];
+        let size = reader
+            .output_buffer_size()
+            .ok_or_else(|| bad(&"image too large"))?;
+        let mut buf = memory::filled(size, 0u8, &format!("PNG {}", path.display()))?;
         let info = reader.next_frame(&mut buf).map_err(|e| bad(&e))?;
         let (w, h) = (info.width as usize, info.height as usize);
         let px = &buf[..info.buffer_size()];
         let channels = info.color_type.samples();
-        let mut rgb = Vec::with_capacity(w * h * 3);
+        let mut rgb = memory::with_capacity(w * h * 3, &format!("image {}", path.display()))?;
         for p in px.chunks_exact(channels) {
             match channels {
                 1 | 2 => rgb.extend_from_slice(&[p[0], p[0], p[0]]),
@@ -112,4 +127,29 @@ impl Image {
         w.write_image_data(&self.rgb).map_err(err)?;
         w.finish().map_err(err)
     }
+}
+
+type PngReader = png::Reader<std::io::BufReader<std::fs::File>>;
+
+/// Opens a PNG and reads its header; its size is checked against `limits`
+/// and `expect` before a pixel is decoded.
+fn open_png(path: &Path, limits: &Limits, expect: Option<(usize, usize)>) -> Result<PngReader> {
+    limits.check_file(path)?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let reader = decoder
+        .read_info()
+        .map_err(|e| Error::invalid_file(format!("{}: not a readable PNG: {e}", path.display())))?;
+    let (w, h) = (reader.info().width, reader.info().height);
+    limits.check_size(&format!("{}: ", path.display()), w as u64, h as u64)?;
+    if let Some((ew, eh)) = expect {
+        if (w as usize, h as usize) != (ew, eh) {
+            return Err(Error::invalid_argument(format!(
+                "init image {} is {w}x{h}; the job is {ew}x{eh}",
+                path.display()
+            )));
+        }
+    }
+    Ok(reader)
 }

@@ -19,6 +19,8 @@ use super::rng::TorchRng;
 use super::step_graph;
 use super::{BusyGuard, Models, Pipeline};
 use crate::error::{Error, ErrorCode, Result};
+use crate::limits::{self, Limits};
+use crate::memory;
 use crate::model::ModelKind;
 use crate::options::Options;
 use crate::runtime::session::Graph;
@@ -190,6 +192,39 @@ impl JobSpec {
     }
 }
 
+/// Checks the size, steps and batch of a job against `limits` before anything
+/// is allocated for it.
+fn check_request(limits: &Limits, spec: &JobSpec, w: usize, h: usize, f: usize) -> Result<()> {
+    limits.check_size("", w as u64, h as u64)?;
+    if h == 0 || w == 0 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
+        return Err(Error::new(
+            ErrorCode::InvalidOptionValue,
+            format!("width/height {w}x{h} must be positive multiples of {f}"),
+        ));
+    }
+    limits::check(
+        "steps",
+        spec.steps as u64,
+        limits.max_steps,
+        limits::MAX_STEPS,
+    )?;
+    if spec.steps == 0 {
+        return Err(Error::new(
+            ErrorCode::InvalidOptionValue,
+            "option 'steps': 0 is not a number of steps; use 1 or more",
+        ));
+    }
+    let b = spec.num_images as u64;
+    limits::check("num_images", b, limits.max_batch, limits::MAX_BATCH)?;
+    if b == 0 {
+        return Err(Error::new(
+            ErrorCode::InvalidOptionValue,
+            "option 'num_images': 0 images; use 1 or more",
+        ));
+    }
+    Ok(())
+}
+
 /// Where a job stands after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -269,24 +304,8 @@ impl Job {
         let (dh, dw) = inner.default_size;
         let (h, w) = (spec.height.unwrap_or(dh), spec.width.unwrap_or(dw));
         let f = inner.vae_factor;
-        if h == 0 || w == 0 || h % f != 0 || w % f != 0 {
-            return Err(Error::new(
-                ErrorCode::InvalidOptionValue,
-                format!("width/height {w}x{h} must be positive multiples of {f}"),
-            ));
-        }
-        if spec.steps == 0 || spec.steps > 1000 {
-            return Err(Error::new(
-                ErrorCode::InvalidOptionValue,
-                format!("option 'steps': {} is not in 1..=1000", spec.steps),
-            ));
-        }
-        if spec.num_images == 0 || spec.num_images > 64 {
-            return Err(Error::new(
-                ErrorCode::InvalidOptionValue,
-                format!("option 'num_images': {} is not in 1..=64", spec.num_images),
-            ));
-        }
+        let limits = inner.runtime.limits();
+        check_request(limits, &spec, w, h, f)?;
         if !(0.0..=1.0).contains(&spec.strength) {
             return Err(Error::new(
                 ErrorCode::InvalidOptionValue,
@@ -307,8 +326,16 @@ impl Job {
                 )
             })?;
         scheduler.set_timesteps(spec.steps)?;
+        if let Some(path) = &spec.init_image {
+            Image::check_png(path, limits, (w, h))?;
+        }
         let shape = [spec.num_images, inner.latent_channels, h / f, w / f];
-        let n: usize = shape.iter().product();
+        // Within the limits this cannot overflow (64 images of 16384² / 64
+        // latent pixels), but the limits are the host's to raise.
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| memory::out_of_memory::<f32>(usize::MAX, "the latents"))?;
         if let Some(l) = &spec.init_latents {
             if l.len() != n {
                 return Err(Error::invalid_argument(format!(
@@ -562,7 +589,7 @@ impl Job {
                 }
                 Ok(v.clone())
             }
-            None => Ok(self.rng.randn(n)),
+            None => self.rng.try_randn(n, "the step noise"),
         }
     }
 
@@ -615,33 +642,27 @@ impl Job {
         self.cond = Some(cond);
         let n: usize = self.shape.iter().product();
         let noise = match &spec.init_latents {
-            Some(l) => l.clone(),
-            None => self.rng.randn(n),
+            Some(l) => memory::collect(n, l.iter().copied(), "the initial latents")?,
+            None => self.rng.try_randn(n, "the initial latents")?,
         };
         self.latents = match &spec.init_image {
             None => {
                 let s = self.scheduler.init_noise_sigma() as f32;
-                noise.iter().map(|v| v * s).collect()
+                let mut latents = noise;
+                latents.iter_mut().for_each(|v| *v *= s);
+                latents
             }
             Some(path) => {
-                let img = Image::read_png(path)?;
                 let (h, w) = (
                     self.shape[2] * inner.vae_factor,
                     self.shape[3] * inner.vae_factor,
                 );
-                if (img.height, img.width) != (h, w) {
-                    return Err(Error::invalid_argument(format!(
-                        "init image {} is {}x{}; the job is {w}x{h}",
-                        path.display(),
-                        img.width,
-                        img.height
-                    )));
-                }
+                let img = Image::read_png_limited(path, inner.runtime.limits(), Some((w, h)))?;
                 let mut models = inner.models.lock();
                 let vae = models.vae_encoder.as_mut().expect("checked at creation");
                 let mean = denoise::vae_encode_mean(
                     vae,
-                    img.to_tensor(),
+                    img.to_tensor()?,
                     self.shape[1],
                     &self.cancel.run_options,
                 )?;

@@ -53,6 +53,11 @@ impl Lora {
         Ok(Lora(Arc::new(LoraFile::open(path)?)))
     }
 
+    /// [`Lora::open`] within a runtime's `limits.max_file_bytes`.
+    pub fn open_limited(path: &std::path::Path, limits: &crate::limits::Limits) -> Result<Lora> {
+        Ok(Lora(Arc::new(LoraFile::open_limited(path, limits)?)))
+    }
+
     /// Answers `spo_lora_info` keys: path, format, dialect, modules, rank, alpha.
     pub fn info(&self, key: &str) -> Option<String> {
         let f = &self.0;

@@ -325,9 +325,19 @@ impl Pipeline {
         let text = &mut models.text;
         // A prompt and its negative get the same number of windows (they
         // are rows of one UNet batch).
+        let max = self.inner.runtime.limits().max_prompt_windows;
+        let key = crate::limits::MAX_PROMPT_WINDOWS;
+        let windows = text.windows(prompt, long);
+        crate::limits::check("prompt windows (77 tokens each):", windows as u64, max, key)?;
         let windows = if cfg {
-            text.windows(prompt, long)
-                .max(text.windows(negative.unwrap_or(""), long))
+            let neg = text.windows(negative.unwrap_or(""), long);
+            crate::limits::check(
+                "negative prompt windows (77 tokens each):",
+                neg as u64,
+                max,
+                key,
+            )?;
+            windows.max(neg)
         } else {
             1
         };

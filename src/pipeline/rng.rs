@@ -14,6 +14,9 @@
 //! - fewer than 16 elements: one double-precision Box-Muller draw per element
 //!   from 53-bit uniforms, caching the second value of each pair.
 
+use crate::error::Result;
+use crate::memory;
+
 /// The 32-bit Mersenne Twister (MT19937), seeded as `std::mt19937(seed)`.
 #[derive(Clone)]
 pub struct Mt19937 {
@@ -103,11 +106,18 @@ impl TorchRng {
     }
 
     /// `n` standard normal float32 values, as one `torch.randn(n)` call.
+    /// For sizes the caller has bounded; a job's latents use [`Self::try_randn`].
     pub fn randn(&mut self, n: usize) -> Vec<f32> {
+        self.try_randn(n, "noise").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::randn`] into a fallibly allocated buffer (`what` names it in
+    /// the `OutOfMemory` error).
+    pub fn try_randn(&mut self, n: usize, what: &str) -> Result<Vec<f32>> {
         if n < 16 {
-            return (0..n).map(|_| self.normal_f64() as f32).collect();
+            return Ok((0..n).map(|_| self.normal_f64() as f32).collect());
         }
-        let mut data: Vec<f32> = (0..n).map(|_| self.uniform_f32()).collect();
+        let mut data = memory::collect(n, (0..n).map(|_| self.uniform_f32()), what)?;
         for block in 0..n / 16 {
             box_muller_16(&mut data[block * 16..block * 16 + 16]);
         }
@@ -118,7 +128,7 @@ impl TorchRng {
             }
             box_muller_16(&mut data[tail..]);
         }
-        data
+        Ok(data)
     }
 
     fn normal_f64(&mut self) -> f64 {

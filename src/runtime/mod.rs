@@ -14,6 +14,7 @@ pub use self::ep::{Ep, EpSet};
 pub use self::library::LoadedLibrary;
 pub use self::log::{LogFn, LogLevel, LogSink, Logger};
 use crate::error::{Error, ErrorCode, Result};
+use crate::limits::Limits;
 use crate::options::Options;
 
 /// The C ABI version this build implements. Bumped on incompatible changes only;
@@ -30,6 +31,7 @@ struct Inner {
     library: LoadedLibrary,
     eps: EpSet,
     intra_threads: Option<usize>,
+    limits: Limits,
     logger: Logger,
     /// Sessions built so far (tests check that unchanged LoRA sets rebuild nothing).
     sessions_built: std::sync::atomic::AtomicUsize,
@@ -38,10 +40,16 @@ struct Inner {
 impl Runtime {
     /// Loads ONNX Runtime and resolves execution providers from `options`
     /// (keys: `ep`, `ep.strict`, `ort.library_path`, `log.level`,
-    /// `threads.intra`, `cuda.*`). `logger` receives the fallback warnings.
+    /// `threads.intra`, `cuda.*`, `limits.*`). `logger` receives the fallback
+    /// warnings.
     pub fn new(options: &Options, logger: Logger) -> Result<Runtime> {
         options.check_consumer("runtime", "spo_runtime_create")?;
-        let intra_threads = options.u64("threads.intra")?.map(|n| n as usize);
+        let limits = Limits::from_options(options)?;
+        let intra_threads = options.u64("threads.intra")?;
+        if let Some(n) = intra_threads {
+            limits.check_threads(n)?;
+        }
+        let intra_threads = intra_threads.map(|n| n as usize);
         // "log.level" overrides the threshold of the sink the logger came with.
         if let Some(level) = options.parse(
             "log.level",
@@ -62,6 +70,7 @@ impl Runtime {
                 library,
                 eps,
                 intra_threads,
+                limits,
                 logger,
                 sessions_built: Default::default(),
             }),
@@ -85,6 +94,11 @@ impl Runtime {
 
     pub fn logger(&self) -> &Logger {
         &self.inner.logger
+    }
+
+    /// The bounds requests made through this runtime must keep (`limits.*`).
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
     }
 
     pub fn eps(&self) -> &EpSet {

@@ -16,6 +16,7 @@ use ort::value::{
 
 use super::Runtime;
 use crate::error::{Error, ErrorCode, Result};
+use crate::memory;
 
 /// Element types the pipeline exchanges with graphs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -205,10 +206,11 @@ impl Graph {
             None => builder.commit_from_file(path),
         }
         .map_err(|e| {
-            Error::new(
-                ErrorCode::InvalidModel,
-                format!("{component}: cannot load {}: {e}", path.display()),
-            )
+            let msg = format!("{component}: cannot load {}: {e}", path.display());
+            match memory::ort_out_of_memory(&msg) {
+                Some(oom) => oom,
+                None => Error::new(ErrorCode::InvalidModel, msg),
+            }
         })?;
         let inputs = session
             .inputs()
@@ -489,11 +491,14 @@ impl Binding {
     }
 }
 
-/// A terminated run (cancellation) is `Cancelled`; anything else is `Ort`.
+/// A terminated run (cancellation) is `Cancelled`, a failed allocation
+/// `OutOfMemory`; anything else is `Ort`.
 fn run_error(component: &str, e: ort::Error) -> Error {
     let msg = e.to_string();
     if msg.to_ascii_lowercase().contains("terminate") {
         Error::new(ErrorCode::Cancelled, format!("{component}: run cancelled"))
+    } else if let Some(oom) = memory::ort_out_of_memory(&msg) {
+        oom.context(component)
     } else {
         Error::new(ErrorCode::Ort, format!("{component}: {msg}"))
     }

@@ -11,9 +11,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use ndarray::ArrayD;
 use spo_runtime::lora::ModelGraphs;
-use spo_runtime::model::tensors;
+use spo_runtime::model::{npy, tensors};
 use spo_runtime::pipeline::{JobSpec, Lora, LoraMode, Pipeline, StepMath};
 use spo_runtime::runtime::{LogLevel, Logger};
 use spo_runtime::text::LongPrompt;
@@ -202,12 +201,6 @@ fn runtime(args: &RuntimeArgs) -> Result<Runtime> {
     Runtime::new(&o, logger)
 }
 
-fn read_npy(path: &Path) -> Result<ArrayD<f32>> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    <ArrayD<f32> as ndarray_npy::ReadNpyExt>::read_npy(f)
-        .map_err(|e| Error::invalid_file(format!("{}: not a float32 .npy: {e}", path.display())))
-}
-
 fn generate(g: Generate) -> Result<()> {
     let rt = runtime(&g.rt)?;
     let pipeline = Pipeline::load(&rt, &g.model, &Options::new())?;
@@ -224,7 +217,7 @@ fn generate(g: Generate) -> Result<()> {
                 Some((p, m)) if m.parse::<f32>().is_ok() => (p, m.parse::<f32>().unwrap_or(1.0)),
                 _ => (spec.as_str(), 1.0),
             };
-            list.push((Lora::open(Path::new(path))?, mult));
+            list.push((Lora::open_limited(Path::new(path), rt.limits())?, mult));
         }
         pipeline.set_loras(&list, mode)?;
     }
@@ -264,10 +257,10 @@ fn generate(g: Generate) -> Result<()> {
         )));
     }
     if let Some(p) = &g.init_latents {
-        spec.init_latents = Some(read_npy(p)?.iter().copied().collect());
+        spec.init_latents = Some(npy::read_f32(p, rt.limits())?.iter().copied().collect());
     }
     if let Some(p) = &g.noise {
-        let a = read_npy(p)?;
+        let a = npy::read_f32(p, rt.limits())?;
         spec.step_noise = Some(
             a.outer_iter()
                 .map(|s| s.iter().copied().collect())

@@ -6,6 +6,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use spo_runtime::limits::Limits;
 use spo_runtime::lora::LoraDialect;
 use spo_runtime::pipeline::{Image, Pipeline};
 use spo_runtime::train::preference::PreferenceModel;
@@ -99,7 +100,7 @@ pub fn score(s: Score) -> Result<()> {
     let rt = crate::runtime(&s.rt)?;
     let mut model = PreferenceModel::open(&rt, &spm_dir(&s.spm))?;
     for path in &s.images {
-        let image = Image::read_png(path)?.to_tensor();
+        let image = Image::read_png(path)?.to_tensor()?;
         let v = model.score(&image, &[s.timestep], &[s.prompt.as_str()])?;
         println!("{}\t{}", v[0], path.display());
     }
@@ -121,8 +122,8 @@ fn options(t: &Train) -> Result<Options> {
     Ok(o)
 }
 
-fn read_prompts(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+fn read_prompts(path: &Path, limits: &Limits) -> Result<Vec<String>> {
+    let text = limits.read_text(path)?;
     let prompts: Vec<String> = text
         .lines()
         .map(str::trim)
@@ -144,8 +145,8 @@ pub fn run(t: Train) -> Result<()> {
         Error::invalid_argument(format!("--format '{}': use webui or diffusers", t.format))
     })?;
     let spec = TrainerSpec::from_options(&options(&t)?)?;
-    let prompts = read_prompts(&t.prompts)?;
     let rt = crate::runtime(&t.rt)?;
+    let prompts = read_prompts(&t.prompts, rt.limits())?;
     let pipeline = Pipeline::load(&rt, &t.model, &Options::new())?;
     let mut trainer = Trainer::new(&pipeline, spec)?;
     if let Some(dir) = &t.resume {
