@@ -129,6 +129,25 @@ impl SwappedModel {
     }
 }
 
+impl SwappedModel {
+    /// The fixture `base` with `scheduler/scheduler_config.json` replaced by
+    /// `edit` applied to the fixture's own config.
+    pub fn with_scheduler_config(
+        base: &str,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> SwappedModel {
+        let mut config = read_json(&fixture(&format!("{base}/scheduler/scheduler_config.json")));
+        edit(&mut config);
+        let m = SwappedModel::new(base, "scheduler", base);
+        let sched = m.dir.join("scheduler");
+        std::fs::remove_file(&sched).unwrap();
+        std::fs::create_dir(&sched).unwrap();
+        let text = serde_json::to_string_pretty(&config).unwrap();
+        std::fs::write(sched.join("scheduler_config.json"), text).unwrap();
+        m
+    }
+}
+
 impl Drop for SwappedModel {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -297,7 +297,7 @@ fn check_output(flag: &str, path: &Path, ext: &str) -> Result<()> {
         _ => Path::new("."),
     };
     if !dir.is_dir() {
-        return Err(bad(format!("folder {} does not exist", dir.display())));
+        return Err(bad(format!("{} is not an existing folder", dir.display())));
     }
     // Opening is the only honest test (permissions, read-only mounts, root):
     // an existing file is opened for writing without truncation, a new one
