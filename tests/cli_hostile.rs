@@ -250,6 +250,31 @@ fn hostile_generate_arguments_fail_cleanly_and_name_the_culprit() {
 }
 
 #[test]
+fn grad_refuses_a_meaningless_finite_difference_step() {
+    let s = Scratch::new("grad");
+    let train = fixture("train/tiny-sd15").display().to_string();
+    for step in ["nan", "-1e-3", "0"] {
+        let args: Vec<String> = [
+            "grad",
+            "--train-dir",
+            &train,
+            "--fd-directions",
+            "1",
+            "--fd-step",
+            step,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        let err = spo_fails(&args, &s.0);
+        assert!(
+            err.contains("--fd-step") && err.contains("above 0"),
+            "{step}: {err}"
+        );
+    }
+}
+
+#[test]
 fn a_bad_output_is_refused_before_the_model_is_read() {
     let s = Scratch::new("out-first");
     // The model folder does not exist: the --out error must come first.

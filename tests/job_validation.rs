@@ -25,9 +25,12 @@ fn sd15() -> Pipeline {
     load(&fixture("tiny-sd15"))
 }
 
+/// Job options as (key, value).
+type Pairs<'a> = &'a [(&'a str, &'a str)];
+
 #[test]
 fn bad_values_are_refused_naming_key_and_value() {
-    let cases: &[(&[(&str, &str)], &[&str])] = &[
+    let cases: &[(Pairs, &[&str])] = &[
         (&[("guidance", "nan")], &["'guidance'", "nan"]),
         (&[("guidance", "-inf")], &["'guidance'", "-inf"]),
         (&[("guidance", "inf")], &["'guidance'", "inf"]),

@@ -60,7 +60,8 @@ pub use dpmsolver_multistep::DpmSolverMultistepScheduler;
 pub use euler_ancestral_discrete::EulerAncestralDiscreteScheduler;
 pub use euler_discrete::EulerDiscreteScheduler;
 
-/// The names [`build_scheduler`] accepts.
+/// The names [`build_scheduler`] accepts; the first (Euler) is the fallback
+/// default for a model whose own class is not ported ([`model_default`]).
 pub const SCHEDULER_NAMES: [&str; 6] = [
     "euler",
     "euler_a",

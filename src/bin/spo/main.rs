@@ -95,7 +95,7 @@ struct Grad {
     fd_directions: u32,
     /// The finite-difference step (times a unit normal per parameter); too
     /// large a step shows curvature, too small one float round-off.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
     fd_step: f32,
     /// Seed of the random inputs and directions.
     #[arg(long, default_value_t = 0)]
@@ -435,6 +435,12 @@ fn lora_inspect(file: &Path, model: &Path) -> Result<()> {
 }
 
 fn grad(g: Grad) -> Result<()> {
+    if !(g.fd_step.is_finite() && g.fd_step > 0.0) {
+        return Err(Error::invalid_argument(format!(
+            "--fd-step {}: the step must be a finite number above 0",
+            g.fd_step
+        )));
+    }
     let rt = runtime(&g.rt)?;
     let t0 = std::time::Instant::now();
     let mut runner = GradRunner::open(&rt, &g.train_dir)?;
