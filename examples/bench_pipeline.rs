@@ -38,6 +38,9 @@ use spo_runtime::scheduler::{build_scheduler, Scheduler, SchedulerConfig};
 use spo_runtime::text::LongPrompt;
 use spo_runtime::{Error, Options, Result, Runtime};
 
+/// The scheduler of the bare loop and of the job it is timed against.
+const BARE_SCHEDULER: &str = "euler";
+
 const GUIDANCE: f64 = 5.0;
 const SEED: u64 = 42;
 const PROMPT: &str = "a red fox in the snow, oil painting";
@@ -204,7 +207,7 @@ impl BareLoop {
             _ => (None, None),
         };
         let config = SchedulerConfig::from_file(folder.scheduler_config())?;
-        let scheduler = build_scheduler("euler", &config, 0.0)?;
+        let scheduler = build_scheduler(BARE_SCHEDULER, &config, 0.0)?;
         let mut bare = BareLoop {
             config,
             scheduler,
@@ -229,7 +232,7 @@ impl BareLoop {
 
     /// A new trajectory: the job's seed and scheduler.
     fn restart(&mut self) -> Result<()> {
-        self.scheduler = build_scheduler("euler", &self.config, 0.0)?;
+        self.scheduler = build_scheduler(BARE_SCHEDULER, &self.config, 0.0)?;
         self.scheduler.set_timesteps(self.steps)?;
         let n: usize = self.shape.iter().product();
         let sigma = self.scheduler.init_noise_sigma() as f32;
@@ -412,6 +415,8 @@ fn run(args: Args) -> Result<()> {
         prompt: PROMPT.into(),
         steps: args.steps,
         guidance: GUIDANCE,
+        // The bare loop runs Euler; the job must too, whatever the model says.
+        scheduler: Some(BARE_SCHEDULER.into()),
         seed: SEED,
         step_math: args.step_math,
         ..JobSpec::default()

@@ -269,6 +269,12 @@ void spo_error_free(struct spo_error *error);
 // default: graph when the UNet runs on CUDA, host on the CPU provider),
 // "long_prompt" ("truncate", the default: the first 75 tokens, as diffusers;
 // "chunks": A1111-style 75-token windows encoded one by one and concatenated).
+// Without "scheduler" the model's own is used (spo_pipeline_info
+// "scheduler.default"). Numbers must be finite; "guidance" is in [0, 100],
+// "guidance_rescale", "eta" and "strength" in [0, 1]; "strength" needs
+// "init_image" and must leave at least one step (steps x strength >= 1);
+// width and height must be multiples of the model's VAE factor times its
+// UNet down-sampling (64 for SD 1.5, 32 for SDXL).
 //
 // Width, height (and their product), steps, num_images and the init image's
 // size (read from its PNG header) are checked here against the runtime's
@@ -486,7 +492,10 @@ struct spo_error *spo_pipeline_load(const struct spo_runtime *runtime,
 // Answers a question about the pipeline as a new UTF-8 string. Keys: "kind"
 // ("sdxl" or "sd15"), "dir", "default_size" ("WxH"), "ep.<component>" (the
 // provider a component runs on, e.g. "ep.unet"), "io.<component>" (its inputs
-// and outputs with dtypes and shapes), "lora.mode".
+// and outputs with dtypes and shapes), "lora.mode", "scheduler.default" (the
+// scheduler of a job that sets no "scheduler": the class in the model's
+// scheduler_config.json when it is ported, else "euler", with the reason
+// logged at info level when the pipeline loads).
 //
 // Ownership: `*out` is freed with `spo_string_free`; written only on success.
 // Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,

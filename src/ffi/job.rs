@@ -54,6 +54,12 @@ pub struct spo_image {
     pub data: *const u8,
 }
 
+thread_local! {
+    /// Set while a host progress callback runs on this thread, so a call back
+    /// into the job from inside it is told so instead of blaming "another thread".
+    static IN_CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// A host's progress callback as the Rust API's (a nonzero return cancels).
 pub(crate) fn progress_fn(
     callback: spo_progress_callback,
@@ -62,16 +68,25 @@ pub(crate) fn progress_fn(
     callback.map(|cb| {
         let ud = UserData::new(user_data);
         Box::new(move |done: usize, total: usize| {
+            IN_CALLBACK.with(|f| f.set(true));
             // SAFETY: the host registered `cb` for exactly this use.
-            unsafe { cb(ud.get(), done as u32, total as u32) == 0 }
+            let go_on = unsafe { cb(ud.get(), done as u32, total as u32) == 0 };
+            IN_CALLBACK.with(|f| f.set(false));
+            go_on
         }) as Box<crate::pipeline::job::ProgressFn>
     })
 }
 
 fn lock(job: &spo_job) -> Result<parking_lot::MutexGuard<'_, Job>> {
-    job.job
-        .try_lock()
-        .ok_or_else(|| Error::new(ErrorCode::Busy, "another thread is using this job"))
+    job.job.try_lock().ok_or_else(|| {
+        let why = if IN_CALLBACK.with(|f| f.get()) {
+            "this job is running its own progress callback; from there call only \
+             spo_job_cancel or spo_job_preview (or return nonzero to cancel)"
+        } else {
+            "another thread is using this job"
+        };
+        Error::new(ErrorCode::Busy, why)
+    })
 }
 
 /// Creates a job on a pipeline. Job keys: "prompt", "negative_prompt",
@@ -86,6 +101,12 @@ fn lock(job: &spo_job) -> Result<parking_lot::MutexGuard<'_, Job>> {
 /// default: graph when the UNet runs on CUDA, host on the CPU provider),
 /// "long_prompt" ("truncate", the default: the first 75 tokens, as diffusers;
 /// "chunks": A1111-style 75-token windows encoded one by one and concatenated).
+/// Without "scheduler" the model's own is used (spo_pipeline_info
+/// "scheduler.default"). Numbers must be finite; "guidance" is in [0, 100],
+/// "guidance_rescale", "eta" and "strength" in [0, 1]; "strength" needs
+/// "init_image" and must leave at least one step (steps x strength >= 1);
+/// width and height must be multiples of the model's VAE factor times its
+/// UNet down-sampling (64 for SD 1.5, 32 for SDXL).
 ///
 /// Width, height (and their product), steps, num_images and the init image's
 /// size (read from its PNG header) are checked here against the runtime's

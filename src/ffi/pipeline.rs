@@ -55,7 +55,10 @@ pub extern "C" fn spo_pipeline_load(
 /// Answers a question about the pipeline as a new UTF-8 string. Keys: "kind"
 /// ("sdxl" or "sd15"), "dir", "default_size" ("WxH"), "ep.<component>" (the
 /// provider a component runs on, e.g. "ep.unet"), "io.<component>" (its inputs
-/// and outputs with dtypes and shapes), "lora.mode".
+/// and outputs with dtypes and shapes), "lora.mode", "scheduler.default" (the
+/// scheduler of a job that sets no "scheduler": the class in the model's
+/// scheduler_config.json when it is ported, else "euler", with the reason
+/// logged at info level when the pipeline loads).
 ///
 /// Ownership: `*out` is freed with `spo_string_free`; written only on success.
 /// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,

@@ -523,6 +523,22 @@ fn build_module(
             "{file}: module '{stem}' has no {what} tensor (incomplete LoRA module)"
         ))
     };
+    // NaN/inf in a factor would spread through every weight it touches and
+    // surface steps later as a black image; name the tensor here instead.
+    for (key, t) in parts.values() {
+        let bad = t.data.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(err(
+                key,
+                t,
+                &format!(
+                    "{bad} of its {} values are NaN or infinite (a diverged training run \
+                     or a damaged file); this LoRA cannot be applied",
+                    t.numel()
+                ),
+            ));
+        }
+    }
     let alpha = match parts.remove(&Part::Alpha) {
         Some((key, t)) => {
             if t.numel() != 1 {
@@ -536,13 +552,7 @@ fn build_module(
         }
         None => None,
     };
-    let dora_scale = parts.remove(&Part::Dora);
-    if let Some((key, t)) = &dora_scale {
-        if t.data.iter().any(|v| !v.is_finite()) {
-            return Err(err(key, t, "dora_scale has non-finite values"));
-        }
-    }
-    let dora_scale = dora_scale.map(|(_, t)| t);
+    let dora_scale = parts.remove(&Part::Dora).map(|(_, t)| t);
     let take = |parts: &mut BTreeMap<Part, (String, Tensor)>, p: Part| parts.remove(&p);
     let check_nonzero = |key: &str, t: &Tensor| -> Result<()> {
         if t.shape.is_empty() || t.shape.contains(&0) {

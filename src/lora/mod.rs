@@ -139,8 +139,7 @@ pub fn merged_overrides(
                 file.path.display()
             )));
         }
-        let res = resolve(file, &model.targets);
-        let res = if opts.strict { res.into_strict()? } else { res };
+        let res = resolve(file, &model.targets).into_checked(opts.strict)?;
         for m in &res.matched {
             let module = &file.modules[&m.key];
             work.entry((m.component, m.initializer.clone()))

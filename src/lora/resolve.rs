@@ -86,11 +86,31 @@ pub struct Resolution {
     pub matched: Vec<Match>,
     /// (key stem, reason).
     pub unmatched: Vec<(String, String)>,
+    /// Keys that name a module another key already matched (two spellings of
+    /// one module), each with the sentence that names both keys.
+    pub duplicates: Vec<(String, String)>,
 }
 
 impl Resolution {
     pub fn is_complete(&self) -> bool {
-        self.unmatched.is_empty()
+        self.unmatched.is_empty() && self.duplicates.is_empty()
+    }
+
+    /// Refuses duplicates always (applying a module twice silently doubles
+    /// its weight, and picking one spelling would hide which one the author
+    /// meant); refuses unmatched keys when `strict`.
+    pub fn into_checked(self, strict: bool) -> Result<Resolution> {
+        if let Some((_, why)) = self.duplicates.first() {
+            return Err(Error::invalid_lora(format!(
+                "{}: {why}; a LoRA must name each module once",
+                self.file.display()
+            )));
+        }
+        if strict {
+            self.into_strict()
+        } else {
+            Ok(self)
+        }
     }
 
     /// `Ok(self)` when every key matched, else an `InvalidLora` error listing
@@ -185,6 +205,7 @@ pub fn resolve(lora: &LoraFile, targets: &ModelTargets) -> Resolution {
         file: lora.path.clone(),
         ..Default::default()
     };
+    let mut seen: BTreeMap<(Component, &str), &str> = BTreeMap::new();
     for (stem, m) in &lora.modules {
         let (comp, module) = match targets.table.resolve(stem) {
             Ok(x) => x,
@@ -204,6 +225,13 @@ pub fn resolve(lora: &LoraFile, targets: &ModelTargets) -> Resolution {
                     "{comp} module '{module}' (initializer '{}' {:?}): {why}",
                     t.initializer, t.shape
                 ),
+            ));
+            continue;
+        }
+        if let Some(first) = seen.insert((comp, module), stem) {
+            res.duplicates.push((
+                stem.clone(),
+                format!("keys '{first}' and '{stem}' both name {comp} module '{module}'"),
             ));
             continue;
         }

@@ -2,7 +2,8 @@
 //! untrusted: the file size is checked against `limits.max_file_bytes`, and
 //! the shape in the header against the bytes actually present, before the
 //! array is allocated, so a header that claims a terabyte over a 1 KB body is
-//! an error, not an allocation.
+//! an error, not an allocation. NaN and infinite values are refused here,
+//! where they start, so the message names the file.
 
 use std::path::Path;
 
@@ -12,13 +13,23 @@ use ndarray_npy::ViewNpyExt;
 use crate::error::{Error, Result};
 use crate::limits::Limits;
 use crate::memory;
+use crate::pipeline::job_spec::count_non_finite;
 
-/// Reads a float32 (native byte order) `.npy` file within `limits`.
+/// Reads a float32 (native byte order) `.npy` file within `limits`; every
+/// value must be finite.
 pub fn read_f32(path: &Path, limits: &Limits) -> Result<ArrayD<f32>> {
     let bytes = limits.read_file(path)?;
     // Checks the header's shape against the data length; views, allocates nothing.
     let view = ArrayViewD::<f32>::view_npy(&bytes)
         .map_err(|e| Error::invalid_file(format!("{}: not a float32 .npy: {e}", path.display())))?;
+    let bad = count_non_finite(view.iter());
+    if bad > 0 {
+        return Err(Error::invalid_file(format!(
+            "{}: {bad} of its {} values are NaN or infinite",
+            path.display(),
+            view.len()
+        )));
+    }
     let data = memory::collect(
         view.len(),
         view.iter().copied(),

@@ -4,7 +4,6 @@
 //! latents; the last step also decodes the images.
 
 use std::collections::hash_map::Entry;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -13,6 +12,8 @@ use ort::session::RunOptions;
 
 use super::denoise::{self, repeat_batch, Conditioning};
 use super::image::Image;
+use super::job_spec::count_non_finite;
+pub use super::job_spec::{JobSpec, StepMath};
 use super::preview::PreviewSlot;
 use super::resident::{ResidentLoop, StepInputs};
 use super::rng::TorchRng;
@@ -22,186 +23,14 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::limits::{self, Limits};
 use crate::memory;
 use crate::model::ModelKind;
-use crate::options::Options;
 use crate::runtime::session::Graph;
 use crate::scheduler::{build_scheduler, Scheduler};
-use crate::text::{LongPrompt, PromptEmbeds};
-
-/// Settings of one job. Built from options (`JobSpec::from_options`) or directly.
-#[derive(Debug, Clone)]
-pub struct JobSpec {
-    pub prompt: String,
-    /// `None` = no negative prompt (SDXL then uses zeros when the model says
-    /// `force_zeros_for_empty_prompt`); `Some("")` encodes the empty string, as diffusers does.
-    pub negative_prompt: Option<String>,
-    pub width: Option<usize>,
-    pub height: Option<usize>,
-    pub steps: usize,
-    pub guidance: f64,
-    pub guidance_rescale: f64,
-    pub scheduler: String,
-    pub eta: f64,
-    pub seed: u64,
-    pub num_images: usize,
-    pub clip_skip: usize,
-    pub init_image: Option<PathBuf>,
-    pub strength: f64,
-    /// SDXL micro-conditioning as (h, w); default: the output size.
-    pub original_size: Option<(usize, usize)>,
-    pub crops_coords_top_left: (usize, usize),
-    pub target_size: Option<(usize, usize)>,
-    /// The tensor diffusers takes as `latents=` (unit variance, before
-    /// `init_noise_sigma`); for img2img, the noise added to the image latents.
-    pub init_latents: Option<Vec<f32>>,
-    /// Per-step noise for stochastic schedulers, in the order steps consume it.
-    pub step_noise: Option<Vec<Vec<f32>>>,
-    /// Where the per-step math runs (option `step_math`).
-    pub step_math: StepMath,
-    /// Prompts longer than one 77-token window: truncated (diffusers, the
-    /// default) or encoded in windows (option `long_prompt=chunks`).
-    pub long_prompt: LongPrompt,
-}
-
-/// Where guidance and the scheduler update run between UNet calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum StepMath {
-    /// `Graph` when the UNet runs on CUDA, `Host` otherwise. On the CPU
-    /// provider the latents live in host memory either way, and the step
-    /// graph's extra session run (about 50 us of dispatch for its ~30 nodes)
-    /// costs more than the host math on the tiny fixtures; on a GPU the
-    /// graph saves two PCIe transfers and the host round trip per step.
-    #[default]
-    Auto,
-    /// As a small ONNX graph beside the UNet, so the latents stay in ONNX
-    /// Runtime values (device memory under CUDA) for the whole loop. Falls
-    /// back to `Host` where the UNet is fed row by row (a fixed batch smaller
-    /// than the job's).
-    Graph,
-    /// In Rust on host arrays (f64 arithmetic), the reference path.
-    Host,
-}
-
-impl StepMath {
-    /// `auto`, `graph` or `host`.
-    pub fn parse(s: &str) -> Option<StepMath> {
-        match s {
-            "auto" => Some(StepMath::Auto),
-            "graph" => Some(StepMath::Graph),
-            "host" => Some(StepMath::Host),
-            _ => None,
-        }
-    }
-}
-
-impl Default for JobSpec {
-    fn default() -> Self {
-        JobSpec {
-            prompt: String::new(),
-            negative_prompt: None,
-            width: None,
-            height: None,
-            steps: 30,
-            guidance: 5.0,
-            guidance_rescale: 0.0,
-            scheduler: "euler".into(),
-            eta: 0.0,
-            seed: 0,
-            num_images: 1,
-            clip_skip: 0,
-            init_image: None,
-            strength: 0.6,
-            original_size: None,
-            crops_coords_top_left: (0, 0),
-            target_size: None,
-            init_latents: None,
-            step_noise: None,
-            step_math: StepMath::Auto,
-            long_prompt: LongPrompt::Truncate,
-        }
-    }
-}
-
-fn parse_pair(v: &str) -> Option<(usize, usize)> {
-    let (a, b) = v.split_once(['x', ','])?;
-    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
-}
-
-impl JobSpec {
-    /// Reads the job keys of `spo_job_create`: prompt, negative_prompt, width,
-    /// height, steps, guidance, guidance_rescale, scheduler, eta, seed, generator
-    /// (`torch-cpu`, the default), num_images, clip_skip, init_image, strength,
-    /// original_size / target_size ("HxW"), crops_coords_top_left ("TOP,LEFT"),
-    /// step_math (`auto`, the default, `graph` or `host`), long_prompt (`truncate`, the
-    /// default, or `chunks`).
-    pub fn from_options(o: &Options) -> Result<JobSpec> {
-        o.check_consumer("job", "spo_job_create")?;
-        let mut s = JobSpec::default();
-        let size = |k: &str| o.u64(k).map(|v| v.map(|v| v as usize));
-        s.prompt = o.get("prompt").unwrap_or_default().to_owned();
-        s.negative_prompt = o.get("negative_prompt").map(str::to_owned);
-        s.width = size("width")?;
-        s.height = size("height")?;
-        if let Some(v) = size("steps")? {
-            s.steps = v;
-        }
-        if let Some(v) = o.f64("guidance")? {
-            s.guidance = v;
-        }
-        if let Some(v) = o.f64("guidance_rescale")? {
-            s.guidance_rescale = v;
-        }
-        if let Some(v) = o.get("scheduler") {
-            s.scheduler = v.to_owned();
-        }
-        if let Some(v) = o.f64("eta")? {
-            s.eta = v;
-        }
-        if let Some(v) = o.u64("seed")? {
-            s.seed = v;
-        }
-        if let Some(g) = o.get("generator") {
-            if g != "torch-cpu" && g != "default" {
-                return Err(Error::new(
-                    ErrorCode::InvalidOptionValue,
-                    format!("option 'generator': '{g}' is not torch-cpu or default"),
-                ));
-            }
-        }
-        if let Some(v) = size("num_images")? {
-            s.num_images = v;
-        }
-        if let Some(v) = size("clip_skip")? {
-            s.clip_skip = v;
-        }
-        s.init_image = o.get("init_image").map(PathBuf::from);
-        if let Some(v) = o.f64("strength")? {
-            s.strength = v;
-        }
-        s.original_size = o.parse("original_size", "HxW", parse_pair)?;
-        s.target_size = o.parse("target_size", "HxW", parse_pair)?;
-        if let Some(v) = o.parse("crops_coords_top_left", "TOP,LEFT", parse_pair)? {
-            s.crops_coords_top_left = v;
-        }
-        if let Some(v) = o.parse("long_prompt", "truncate or chunks", LongPrompt::parse)? {
-            s.long_prompt = v;
-        }
-        if let Some(v) = o.parse("step_math", "auto, graph or host", StepMath::parse)? {
-            s.step_math = v;
-        }
-        Ok(s)
-    }
-}
+use crate::text::PromptEmbeds;
 
 /// Checks the size, steps and batch of a job against `limits` before anything
 /// is allocated for it.
-fn check_request(limits: &Limits, spec: &JobSpec, w: usize, h: usize, f: usize) -> Result<()> {
+fn check_request(limits: &Limits, spec: &JobSpec, w: usize, h: usize) -> Result<()> {
     limits.check_size("", w as u64, h as u64)?;
-    if h == 0 || w == 0 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
-        return Err(Error::new(
-            ErrorCode::InvalidOptionValue,
-            format!("width/height {w}x{h} must be positive multiples of {f}"),
-        ));
-    }
     limits::check(
         "steps",
         spec.steps as u64,
@@ -298,28 +127,105 @@ pub struct Job {
     busy: BusyGuard,
 }
 
+/// `[num_images, C, h, w]` of the job's latents; refuses a size the VAE or
+/// the UNet cannot take, before any graph runs into it.
+fn latent_shape(inner: &super::Inner, spec: &JobSpec, limits: &Limits) -> Result<[usize; 4]> {
+    let (dh, dw) = inner.default_size;
+    let (h, w) = (spec.height.unwrap_or(dh), spec.width.unwrap_or(dw));
+    check_request(limits, spec, w, h)?;
+    let f = inner.vae_factor * inner.latent_multiple;
+    if h == 0 || w == 0 || h % f != 0 || w % f != 0 {
+        return Err(Error::new(
+            ErrorCode::InvalidOptionValue,
+            format!(
+                "option 'width'/'height': {w}x{h} must be positive multiples of {f} for this \
+                 model (VAE factor {} x UNet down-sampling {})",
+                inner.vae_factor, inner.latent_multiple
+            ),
+        ));
+    }
+    let f = inner.vae_factor;
+    Ok([spec.num_images, inner.latent_channels, h / f, w / f])
+}
+
+/// Init latents must be exactly `shape`; step noise `[k, ..shape]` with an
+/// entry for every stochastic step the job runs. Only the element count
+/// matching would let a transposed or wrong-size tensor through.
+fn check_tensors(
+    spec: &JobSpec,
+    shape: [usize; 4],
+    scheduler: &dyn Scheduler,
+    start: usize,
+) -> Result<()> {
+    if let Some(l) = &spec.init_latents {
+        if l.shape() != shape {
+            return Err(Error::invalid_argument(format!(
+                "init_latents are shaped {:?}; this job needs {shape:?} \
+                 [num_images, channels, height/8, width/8]",
+                l.shape()
+            )));
+        }
+    }
+    if let Some(z) = &spec.step_noise {
+        let n = scheduler.timesteps().len();
+        let needed = (start..n)
+            .filter(|&i| scheduler.needs_noise(i))
+            .map(|i| i - start + 1)
+            .max()
+            .unwrap_or(0);
+        if z.ndim() != 5 || z.shape()[1..] != shape || z.shape()[0] < needed {
+            return Err(Error::invalid_argument(format!(
+                "step_noise is shaped {:?}; this job needs [k, {}, {}, {}, {}] with k >= {needed}",
+                z.shape(),
+                shape[0],
+                shape[1],
+                shape[2],
+                shape[3]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A UNet output with NaN/inf poisons every later step and would surface
+/// only at the VAE; fail where it starts (`what` names the step), with the
+/// likely causes.
+fn require_finite_unet(
+    pipeline: &Pipeline,
+    what: &str,
+    values: &ndarray::ArrayViewD<f32>,
+) -> Result<()> {
+    let bad = count_non_finite(values.iter());
+    if bad == 0 {
+        return Ok(());
+    }
+    let lora = if pipeline.inner.lora.lock().is_active() {
+        ", or a LoRA whose weights or multiplier are too large"
+    } else {
+        ""
+    };
+    Err(Error::invalid_model(format!(
+        "{what} holds {bad} NaN or infinite values of {}; likely causes: an fp16 unet \
+         overflowing (try an fp32 unet or a lower guidance){lora}",
+        values.len()
+    )))
+}
+
 impl Job {
     pub(crate) fn new(pipeline: Pipeline, spec: JobSpec, busy: BusyGuard) -> Result<Job> {
+        spec.validate()?;
         let inner = &pipeline.inner;
-        let (dh, dw) = inner.default_size;
-        let (h, w) = (spec.height.unwrap_or(dh), spec.width.unwrap_or(dw));
-        let f = inner.vae_factor;
         let limits = inner.runtime.limits();
-        check_request(limits, &spec, w, h, f)?;
-        if !(0.0..=1.0).contains(&spec.strength) {
-            return Err(Error::new(
-                ErrorCode::InvalidOptionValue,
-                format!("option 'strength': {} is not in [0, 1]", spec.strength),
-            ));
-        }
+        let shape = latent_shape(inner, &spec, limits)?;
         if spec.init_image.is_some() && inner.models.lock().vae_encoder.is_none() {
             return Err(Error::invalid_model(format!(
                 "init_image needs {}, which the model folder lacks",
                 inner.folder.graph("vae_encoder").display()
             )));
         }
-        let mut scheduler = build_scheduler(&spec.scheduler, &inner.scheduler_config, spec.eta)
-            .map_err(|e| {
+        let name = spec.scheduler.as_deref().unwrap_or(inner.default_scheduler);
+        let mut scheduler =
+            build_scheduler(name, &inner.scheduler_config, spec.eta).map_err(|e| {
                 Error::new(
                     ErrorCode::InvalidOptionValue,
                     format!("option 'scheduler': {}", e.message),
@@ -327,28 +233,15 @@ impl Job {
             })?;
         scheduler.set_timesteps(spec.steps)?;
         if let Some(path) = &spec.init_image {
-            Image::check_png(path, limits, (w, h))?;
-        }
-        let shape = [spec.num_images, inner.latent_channels, h / f, w / f];
-        // Within the limits this cannot overflow (64 images of 16384² / 64
-        // latent pixels), but the limits are the host's to raise.
-        let n = shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| memory::out_of_memory::<f32>(usize::MAX, "the latents"))?;
-        if let Some(l) = &spec.init_latents {
-            if l.len() != n {
-                return Err(Error::invalid_argument(format!(
-                    "init latents hold {} values; shape {shape:?} needs {n}",
-                    l.len()
-                )));
-            }
+            let f = inner.vae_factor;
+            Image::check_png(path, limits, (shape[3] * f, shape[2] * f))?;
         }
         let start = if spec.init_image.is_some() {
             scheduler.img2img_start(spec.strength)?
         } else {
             0
         };
+        check_tensors(&spec, shape, scheduler.as_ref(), start)?;
         Ok(Job {
             rng: TorchRng::new(spec.seed),
             pipeline,
@@ -432,10 +325,31 @@ impl Job {
 
     /// Hands over the images of a finished job (once).
     pub fn take_images(&mut self) -> Result<Vec<Image>> {
-        if !matches!(self.state, State::Done) {
-            return Err(Error::invalid_argument(
-                "the job has not finished; run it to the end first",
-            ));
+        match &self.state {
+            State::Done => {}
+            State::Failed(Error {
+                code: ErrorCode::Cancelled,
+                ..
+            }) => {
+                return Err(Error::invalid_argument(
+                    "the job was cancelled, so it has no images",
+                ))
+            }
+            _ if self.cancel.is_cancelled() => {
+                return Err(Error::invalid_argument(
+                    "the job was cancelled, so it has no images",
+                ))
+            }
+            State::Failed(e) => {
+                return Err(Error::invalid_argument(format!(
+                    "the job failed, so it has no images: {e}"
+                )))
+            }
+            _ => {
+                return Err(Error::invalid_argument(
+                    "the job has not finished; run it to the end first",
+                ))
+            }
         }
         self.images
             .take()
@@ -480,6 +394,10 @@ impl Job {
         if let Some(r) = &self.resident {
             self.latents = r.latents()?;
         }
+        // The resident loop keeps the UNet output on the device; its damage
+        // shows here, before the VAE could be blamed for it.
+        let latents = ndarray::aview1(&self.latents).into_dyn();
+        require_finite_unet(&pipeline, "after denoising, the latents", &latents)?;
         let f = &inner.folder;
         let scaled = ArrayD::from_shape_vec(IxDyn(&self.shape), self.latents.clone())
             .expect("shape")
@@ -507,6 +425,11 @@ impl Job {
             &self.cancel.run_options,
         )
         .map_err(|e| self.cancelled_or(e))?;
+        let what = format!(
+            "denoising step {done} of {}: the unet output",
+            self.total_steps()
+        );
+        require_finite_unet(&self.pipeline, &what, &noise_pred.view())?;
         let noise = if self.scheduler.needs_noise(i) {
             Some(self.step_noise(i)?)
         } else {
@@ -573,22 +496,14 @@ impl Job {
     fn step_noise(&mut self, i: usize) -> Result<Vec<f32>> {
         let n = self.latents.len();
         match &self.spec.step_noise {
-            Some(list) => {
-                let k = i - self.start;
-                let v = list.get(k).ok_or_else(|| {
-                    Error::invalid_argument(format!(
-                        "step noise has {} entries; step {k} needs one",
-                        list.len()
-                    ))
-                })?;
-                if v.len() != n {
-                    return Err(Error::invalid_argument(format!(
-                        "step noise {k} holds {} values, latents {n}",
-                        v.len()
-                    )));
-                }
-                Ok(v.clone())
-            }
+            // The shape was checked against every stochastic step in `new`.
+            Some(z) => memory::collect(
+                n,
+                z.index_axis(ndarray::Axis(0), i - self.start)
+                    .iter()
+                    .copied(),
+                "the step noise",
+            ),
             None => self.rng.try_randn(n, "the step noise"),
         }
     }

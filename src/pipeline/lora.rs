@@ -104,6 +104,11 @@ pub(crate) struct LoraState {
 }
 
 impl LoraState {
+    /// Whether any LoRA is applied.
+    pub fn is_active(&self) -> bool {
+        !self.applied.is_empty()
+    }
+
     pub fn mode_name(&self) -> &'static str {
         match (self.mode, self.applied.is_empty()) {
             (_, true) | (None, _) => "none",
@@ -337,12 +342,8 @@ impl Pipeline {
         let mut per_slot: SlotFactors = BTreeMap::new();
         let mut resolutions = Vec::new();
         for (file, mult) in files {
-            let res = crate::lora::resolve(file, &graphs.targets);
-            let res = if self.inner.allow_partial_lora {
-                res
-            } else {
-                res.into_strict()?
-            };
+            let res = crate::lora::resolve(file, &graphs.targets)
+                .into_checked(!self.inner.allow_partial_lora)?;
             for m in &res.matched {
                 let refuse = |why: &str| {
                     Error::invalid_lora(format!(

@@ -4,6 +4,7 @@
 pub mod denoise;
 pub mod image;
 pub mod job;
+pub mod job_spec;
 pub mod lora;
 pub mod preview;
 pub mod resident;
@@ -25,7 +26,7 @@ use crate::model::{upcast, ModelFolder, ModelKind, OnnxGraph};
 use crate::options::Options;
 use crate::runtime::session::Graph;
 use crate::runtime::Runtime;
-use crate::scheduler::SchedulerConfig;
+use crate::scheduler::{model_default, SchedulerConfig};
 use crate::text::{ClipTokenizer, LongPrompt, PromptEmbeds, TextEncoder, TextEncoders};
 
 /// The graphs of a pipeline; locked by the job that runs.
@@ -74,6 +75,8 @@ pub(crate) struct Inner {
     pub runtime: Runtime,
     pub folder: ModelFolder,
     pub scheduler_config: SchedulerConfig,
+    /// The scheduler of a job that names none ([`crate::scheduler::model_default`]).
+    pub default_scheduler: &'static str,
     pub models: Mutex<Models>,
     busy: AtomicBool,
     pub(crate) lora: Mutex<lora::LoraState>,
@@ -81,6 +84,10 @@ pub(crate) struct Inner {
     /// Latent channels, VAE downscale factor and default image size.
     pub latent_channels: usize,
     pub vae_factor: usize,
+    /// The latent height and width must be multiples of this: the UNet halves
+    /// them once per down block but the last, and its skip connections only
+    /// concatenate when every halving is exact.
+    pub latent_multiple: usize,
     pub default_size: (usize, usize),
     info: BTreeMap<String, String>,
 }
@@ -88,6 +95,33 @@ pub(crate) struct Inner {
 fn read_config(path: &std::path::Path) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(path).ok()?;
     serde_json::from_str(&text).ok()
+}
+
+/// `2^(down blocks - 1)` from the UNet config; 1 when the config does not say.
+fn unet_latent_multiple(unet_cfg: Option<&serde_json::Value>) -> usize {
+    unet_cfg
+        .and_then(|c| c.get("down_block_types")?.as_array().map(Vec::len))
+        .filter(|&n| (1..=8).contains(&n))
+        .map_or(1, |n| 1 << (n - 1))
+}
+
+/// The scheduler config and the model's default scheduler; a fallback is
+/// logged once here, at info level, and shows as info `scheduler.default`.
+fn load_scheduler(
+    folder: &ModelFolder,
+    log: &crate::runtime::Logger,
+) -> Result<(SchedulerConfig, &'static str)> {
+    let path = folder.scheduler_config();
+    // `from_file` names the path in its errors already.
+    let config = SchedulerConfig::from_file(&path)?;
+    let default = model_default(&config).map_err(|e| e.context(path.display()))?;
+    if let Some(why) = &default.fallback {
+        log.info(&format!(
+            "{}: {why} (choose another with option 'scheduler')",
+            path.display()
+        ));
+    }
+    Ok((config, default.name))
 }
 
 fn tokenizer(folder: &ModelFolder, name: &str) -> Result<ClipTokenizer> {
@@ -188,9 +222,7 @@ impl Pipeline {
         } else {
             None
         };
-        let sched_path = folder.scheduler_config();
-        let scheduler_config =
-            SchedulerConfig::from_file(&sched_path).map_err(|e| e.context(sched_path.display()))?;
+        let (scheduler_config, default_scheduler) = load_scheduler(&folder, log)?;
 
         let vae_cfg = read_config(&folder.dir.join("vae_decoder/config.json"));
         let vae_factor = vae_cfg
@@ -204,6 +236,7 @@ impl Pipeline {
         let sample = unet.require_input("sample")?.clone();
         let latent_channels = sample.fixed_dim(1).unwrap_or(4);
         let unet_cfg = read_config(&folder.dir.join("unet/config.json"));
+        let latent_multiple = unet_latent_multiple(unet_cfg.as_ref());
         let default_size = match (sample.fixed_dim(2), sample.fixed_dim(3)) {
             (Some(h), Some(w)) => (h * vae_factor, w * vae_factor),
             _ => {
@@ -247,6 +280,7 @@ impl Pipeline {
         if let Some(v) = &vae_encoder {
             describe(v);
         }
+        info.insert("scheduler.default".into(), default_scheduler.to_owned());
         info.insert(
             "default_size".into(),
             format!("{}x{}", default_size.1, default_size.0),
@@ -261,6 +295,7 @@ impl Pipeline {
             inner: Arc::new(Inner {
                 runtime: runtime.clone(),
                 scheduler_config,
+                default_scheduler,
                 models: Mutex::new(Models {
                     text: TextEncoders {
                         kind: folder.kind,
@@ -278,6 +313,7 @@ impl Pipeline {
                 allow_partial_lora,
                 latent_channels,
                 vae_factor,
+                latent_multiple,
                 default_size,
                 info,
             }),
@@ -294,7 +330,7 @@ impl Pipeline {
     }
 
     /// Answers `spo_pipeline_info` keys: `kind`, `dir`, `default_size`,
-    /// `ep.<component>`, `io.<component>`, `lora.mode`.
+    /// `scheduler.default`, `ep.<component>`, `io.<component>`, `lora.mode`.
     pub fn info(&self, key: &str) -> Option<String> {
         match key {
             "lora.mode" => Some(self.inner.lora.lock().mode_name().to_owned()),

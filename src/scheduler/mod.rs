@@ -45,6 +45,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
+mod class;
 pub mod ddim;
 pub mod ddpm;
 pub mod dpmsolver_multistep;
@@ -52,13 +53,15 @@ pub mod euler_ancestral_discrete;
 pub mod euler_discrete;
 pub(crate) mod schedule;
 
+pub use class::{model_default, ModelDefault, DIFFUSERS_CLASSES};
 pub use ddim::DdimScheduler;
 pub use ddpm::DdpmScheduler;
 pub use dpmsolver_multistep::DpmSolverMultistepScheduler;
 pub use euler_ancestral_discrete::EulerAncestralDiscreteScheduler;
 pub use euler_discrete::EulerDiscreteScheduler;
 
-/// The names [`build_scheduler`] accepts.
+/// The names [`build_scheduler`] accepts; the first (Euler) is the fallback
+/// default for a model whose own class is not ported ([`model_default`]).
 pub const SCHEDULER_NAMES: [&str; 6] = [
     "euler",
     "euler_a",
@@ -70,11 +73,15 @@ pub const SCHEDULER_NAMES: [&str; 6] = [
 
 /// `scheduler_config.json` with diffusers' field names. Fields whose diffusers
 /// default differs between classes are `Option`s resolved by each scheduler;
-/// unknown fields (`_class_name`, `_diffusers_version`, `skip_prk_steps`, ...)
-/// are ignored. `null` is accepted wherever diffusers accepts `None`.
+/// unknown fields (`_diffusers_version`, `skip_prk_steps`, ...) are ignored.
+/// `null` is accepted wherever diffusers accepts `None`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct SchedulerConfig {
+    /// The diffusers class the model was saved with (`_class_name`); it picks
+    /// the default scheduler ([`model_default`]).
+    #[serde(rename = "_class_name")]
+    pub class_name: Option<String>,
     pub num_train_timesteps: usize,
     pub beta_start: f64,
     pub beta_end: f64,
@@ -138,6 +145,7 @@ fn null_false<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<boo
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
+            class_name: None,
             num_train_timesteps: 1000,
             beta_start: 0.0001,
             beta_end: 0.02,
@@ -597,6 +605,20 @@ pub fn build_scheduler(
                 SCHEDULER_NAMES.join(", ")
             )))
         }
+    })
+}
+
+/// The [`SCHEDULER_NAMES`] entry that ports diffusers class `class` as
+/// `config` sets it up, if any.
+pub(crate) fn name_for_class(class: &str, config: &SchedulerConfig) -> Option<&'static str> {
+    Some(match class {
+        "EulerDiscreteScheduler" => "euler",
+        "EulerAncestralDiscreteScheduler" => "euler_a",
+        "DDIMScheduler" => "ddim",
+        "DPMSolverMultistepScheduler" if config.use_karras_sigmas => "dpmpp_2m_karras",
+        "DPMSolverMultistepScheduler" => "dpmpp_2m",
+        "DDPMScheduler" => "ddpm",
+        _ => return None,
     })
 }
 

@@ -16,7 +16,7 @@
 use ndarray::{concatenate, ArrayD, Axis, IxDyn};
 
 use super::tokenizer::{ClipTokenizer, LongPrompt, MAX_LEN};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 use crate::model::graph::LayerNorm;
 use crate::model::{ModelKind, OnnxGraph};
 use crate::runtime::session::{Graph, Input};
@@ -86,7 +86,7 @@ impl TextEncoder {
     /// SD 1.5 with clip_skip, as diffusers: `hidden_states[-(skip + 1)]`
     /// through the final layer norm (the one applied to the last hidden state).
     fn skipped_and_normed(&mut self, ids: &[i64], clip_skip: usize) -> Result<ArrayD<f32>> {
-        let name = self.penultimate_name(clip_skip - 1)?;
+        let name = self.hidden_state_name(clip_skip, 0)?;
         if self.final_norm.is_none() {
             let last = format!("hidden_states.{}", self.layers);
             let graph = OnnxGraph::open(&self.graph.path)?;
@@ -114,8 +114,10 @@ impl TextEncoder {
         Ok(h)
     }
 
-    /// `hidden_states[-(skip + 2)]`, the SDXL choice.
-    fn penultimate_name(&self, clip_skip: usize) -> Result<String> {
+    /// `hidden_states[-(clip_skip + 1 + extra)]`: `extra` is 1 for SDXL (which
+    /// starts from the penultimate layer) and 0 for SD 1.5. The message names
+    /// the user's `clip_skip` and its largest value, not the internal index.
+    fn hidden_state_name(&self, clip_skip: usize, extra: usize) -> Result<String> {
         if self.layers == 0 {
             return Err(Error::invalid_model(format!(
                 "{} ({}): no hidden_states.N outputs; export the text encoder with hidden states",
@@ -123,11 +125,17 @@ impl TextEncoder {
                 self.graph.path.display()
             )));
         }
-        let idx = self.layers.checked_sub(1 + clip_skip).ok_or_else(|| {
-            Error::invalid_argument(format!(
-                "clip_skip {clip_skip} exceeds the {} layers of {}",
-                self.layers, self.graph.component
-            ))
+        let idx = self.layers.checked_sub(extra + clip_skip).ok_or_else(|| {
+            Error::new(
+                ErrorCode::InvalidOptionValue,
+                format!(
+                    "option 'clip_skip': {clip_skip} is too large; {} has {} layers, so \
+                     clip_skip may be at most {}",
+                    self.graph.component,
+                    self.layers,
+                    self.layers - extra
+                ),
+            )
         })?;
         Ok(format!("hidden_states.{idx}"))
     }
@@ -198,9 +206,9 @@ impl TextEncoders {
                     .as_mut()
                     .zip(ids2)
                     .ok_or_else(|| Error::invalid_model("SDXL model without text_encoder_2"))?;
-                let name1 = self.te1.penultimate_name(clip_skip)?;
+                let name1 = self.te1.hidden_state_name(clip_skip, 1)?;
                 let h1 = self.te1.run(ids1, &[&name1])?.remove(0);
-                let name2 = te2.penultimate_name(clip_skip)?;
+                let name2 = te2.hidden_state_name(clip_skip, 1)?;
                 te2.graph.require_output(&["text_embeds"])?;
                 let mut out2 = te2.run(ids2, &[&name2, "text_embeds"])?;
                 let pooled = out2.remove(1);

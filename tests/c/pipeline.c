@@ -106,6 +106,16 @@ static void test_info_and_options(void) {
   expect_bad_job_option("width", "65", SPO_ERR_INVALID_OPTION_VALUE, "65");
   expect_bad_job_option("step_math", "gpu", SPO_ERR_INVALID_OPTION_VALUE, "'step_math'");
   expect_bad_job_option("long_prompt", "wrap", SPO_ERR_INVALID_OPTION_VALUE, "'long_prompt'");
+  /* Non-finite and meaningless numbers; the same refusals as the CLI's. */
+  expect_bad_job_option("guidance", "nan", SPO_ERR_INVALID_OPTION_VALUE, "'nan'");
+  expect_bad_job_option("guidance_rescale", "-inf", SPO_ERR_INVALID_OPTION_VALUE, "'-inf'");
+  expect_bad_job_option("eta", "1e30", SPO_ERR_INVALID_OPTION_VALUE, "1e30");
+  expect_bad_job_option("strength", "0.5", SPO_ERR_INVALID_OPTION_VALUE, "init_image");
+  /* tiny-sd15 declares PNDMScheduler, which is not ported. */
+  v = NULL;
+  if (expect_ok(spo_pipeline_info(g_pipe, "scheduler.default", &v), "info scheduler.default"))
+    CHECK(strcmp(v, "euler") == 0);
+  spo_string_free(v);
 }
 
 /* The x0 preview after `done` steps: shape [1, 4, 8, 8], finite, not all zero. */
@@ -253,6 +263,23 @@ static void cancel_from_thread(const char *step_math) {
   spo_options_free(o);
 }
 
+typedef struct {
+  spo_job *job;
+  int checked;
+} reenter_ctx;
+
+/* Calls back into its own job, which a callback may not do. */
+static int reenter(void *user_data, uint32_t done, uint32_t total) {
+  (void)done;
+  (void)total;
+  reenter_ctx *c = (reenter_ctx *)user_data;
+  if (!c->checked) {
+    expect_error(spo_job_step(c->job, NULL), SPO_ERR_BUSY, "own progress callback", "step from own callback");
+    c->checked = 1;
+  }
+  return 0;
+}
+
 static void test_cancel(void) {
   spo_options *o = job_options("6");
   spo_job *j = NULL;
@@ -264,6 +291,8 @@ static void test_cancel(void) {
     CHECK(seen == 2);
     /* A cancelled job stays cancelled. */
     expect_error(spo_job_step(j, NULL), SPO_ERR_CANCELLED, "cancelled", "step after cancel");
+    spo_images *im = NULL;
+    expect_error(spo_job_take_images(j, &im), SPO_ERR_INVALID_ARGUMENT, "was cancelled", "take after cancel");
     spo_job_free(j);
     j = NULL;
   }
@@ -275,7 +304,10 @@ static void test_cancel(void) {
   /* The pipeline is usable after a cancel. */
   o = job_options("2");
   if (expect_ok(spo_job_create(g_pipe, o, &j), "job after cancel")) {
+    reenter_ctx rc = {j, 0};
+    expect_ok(spo_job_set_progress_callback(j, reenter, &rc), "set progress");
     run_to_images(j, "run after cancel");
+    CHECK(rc.checked == 1);
     spo_job_free(j);
   }
   spo_options_free(o);

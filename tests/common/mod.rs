@@ -70,25 +70,15 @@ pub fn spec_for(dir: &std::path::Path, c: &serde_json::Value) -> JobSpec {
         steps: c["steps"].as_u64().unwrap() as usize,
         guidance: c["guidance"].as_f64().unwrap(),
         guidance_rescale: c["guidance_rescale"].as_f64().unwrap_or(0.0),
-        scheduler: c["scheduler"].as_str().unwrap().to_owned(),
+        scheduler: Some(c["scheduler"].as_str().unwrap().to_owned()),
         eta: c["eta"].as_f64().unwrap_or(0.0),
         num_images: c["num_images"].as_u64().unwrap_or(1) as usize,
         clip_skip: c["clip_skip"].as_u64().unwrap_or(0) as usize,
         ..JobSpec::default()
     };
-    s.init_latents = Some(
-        read_npy(&dir.join(c["init_latents"].as_str().unwrap()))
-            .iter()
-            .copied()
-            .collect(),
-    );
+    s.init_latents = Some(read_npy(&dir.join(c["init_latents"].as_str().unwrap())));
     if let Some(n) = c["noise"].as_str() {
-        let a = read_npy(&dir.join(n));
-        s.step_noise = Some(
-            a.outer_iter()
-                .map(|x| x.iter().copied().collect())
-                .collect(),
-        );
+        s.step_noise = Some(read_npy(&dir.join(n)));
     }
     if c["long_prompt"] == "chunks" {
         s.long_prompt = spo_runtime::text::LongPrompt::Chunks;
@@ -136,6 +126,25 @@ impl SwappedModel {
             std::os::unix::fs::symlink(src, dir.join(name)).unwrap();
         }
         SwappedModel { dir }
+    }
+}
+
+impl SwappedModel {
+    /// The fixture `base` with `scheduler/scheduler_config.json` replaced by
+    /// `edit` applied to the fixture's own config.
+    pub fn with_scheduler_config(
+        base: &str,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> SwappedModel {
+        let mut config = read_json(&fixture(&format!("{base}/scheduler/scheduler_config.json")));
+        edit(&mut config);
+        let m = SwappedModel::new(base, "scheduler", base);
+        let sched = m.dir.join("scheduler");
+        std::fs::remove_file(&sched).unwrap();
+        std::fs::create_dir(&sched).unwrap();
+        let text = serde_json::to_string_pretty(&config).unwrap();
+        std::fs::write(sched.join("scheduler_config.json"), text).unwrap();
+        m
     }
 }
 

@@ -11,11 +11,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+use spo_runtime::limits::Limits;
 use spo_runtime::lora::ModelGraphs;
 use spo_runtime::model::{npy, tensors};
-use spo_runtime::pipeline::{JobSpec, Lora, LoraMode, Pipeline, StepMath};
+use spo_runtime::pipeline::{JobSpec, Lora, LoraMode, Pipeline};
 use spo_runtime::runtime::{LogLevel, Logger};
-use spo_runtime::text::LongPrompt;
 use spo_runtime::train::{check, GradRunner};
 use spo_runtime::{Error, Options, Result, Runtime};
 
@@ -94,7 +94,7 @@ struct Grad {
     fd_directions: u32,
     /// The finite-difference step (times a unit normal per parameter); too
     /// large a step shows curvature, too small one float round-off.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
     fd_step: f32,
     /// Seed of the random inputs and directions.
     #[arg(long, default_value_t = 0)]
@@ -114,61 +114,72 @@ enum LoraCommand {
     },
 }
 
+/// Generation settings are job options (see `spo_job_create`), passed as
+/// text and parsed by the library exactly as for a C caller, so both refuse
+/// the same values with the same messages; unset ones take the library's
+/// defaults. Errors name the option key (`--guidance-rescale` is
+/// `guidance_rescale`).
 #[derive(Args)]
 struct Generate {
     #[arg(long)]
     model: PathBuf,
-    #[arg(long, default_value = "")]
-    prompt: String,
+    #[arg(long)]
+    prompt: Option<String>,
     /// Negative prompt; without it SDXL uses zero embeddings (force_zeros_for_empty_prompt).
     #[arg(long)]
     negative: Option<String>,
-    #[arg(long, default_value_t = 30)]
-    steps: usize,
-    #[arg(long, default_value_t = 5.0)]
-    guidance: f64,
-    #[arg(long, default_value_t = 0.0)]
-    guidance_rescale: f64,
-    /// euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, ddpm
-    #[arg(long, default_value = "euler")]
-    scheduler: String,
-    /// DDIM eta.
-    #[arg(long, default_value_t = 0.0)]
-    eta: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[arg(long)]
+    steps: Option<String>,
+    /// Classifier-free guidance scale in [0, 100] (CFG is off at or below 1).
+    #[arg(long, allow_hyphen_values = true)]
+    guidance: Option<String>,
+    /// diffusers' guidance_rescale, in [0, 1].
+    #[arg(long, allow_hyphen_values = true)]
+    guidance_rescale: Option<String>,
+    /// euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, ddpm (default: the
+    /// model's scheduler_config.json class when ported, else euler).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// DDIM eta in [0, 1].
+    #[arg(long, allow_hyphen_values = true)]
+    eta: Option<String>,
+    #[arg(long)]
+    seed: Option<String>,
     /// Noise generator: torch-cpu (the default) matches torch.Generator("cpu").manual_seed(seed).
-    #[arg(long, default_value = "torch-cpu")]
-    generator: String,
     #[arg(long)]
-    width: Option<usize>,
+    generator: Option<String>,
     #[arg(long)]
-    height: Option<usize>,
-    #[arg(long, default_value_t = 1)]
-    num_images: usize,
+    width: Option<String>,
+    #[arg(long)]
+    height: Option<String>,
+    #[arg(long)]
+    num_images: Option<String>,
     /// Skip this many final CLIP layers (diffusers' clip_skip).
-    #[arg(long, default_value_t = 0)]
-    clip_skip: usize,
+    #[arg(long)]
+    clip_skip: Option<String>,
     /// Prompts over 75 tokens: truncate (diffusers) or chunks (A1111-style windows).
-    #[arg(long, default_value = "truncate")]
-    long_prompt: String,
+    #[arg(long)]
+    long_prompt: Option<String>,
     /// Where guidance and the scheduler update run: auto (graph on CUDA, host
     /// on CPU), graph (beside the UNet, latents stay on its device) or host.
-    #[arg(long, default_value = "auto")]
-    step_math: String,
     #[arg(long)]
-    init_image: Option<PathBuf>,
-    #[arg(long, default_value_t = 0.6)]
-    strength: f64,
-    /// Initial latents (.npy): the tensor diffusers takes as `latents=`.
+    step_math: Option<String>,
+    /// A PNG to start from (image-to-image).
+    #[arg(long)]
+    init_image: Option<String>,
+    /// img2img: the share of the schedule re-run, in [0, 1]; needs --init-image.
+    #[arg(long, allow_hyphen_values = true)]
+    strength: Option<String>,
+    /// Initial latents (.npy, [num_images, C, h, w]): the tensor diffusers takes as `latents=`.
     #[arg(long)]
     init_latents: Option<PathBuf>,
-    /// Per-step noise (.npy, [steps, B, C, h, w]) for stochastic schedulers.
+    /// Per-step noise (.npy, [steps, num_images, C, h, w]) for stochastic schedulers.
     #[arg(long)]
     noise: Option<PathBuf>,
     /// Write the final latents (diffusers' output_type="latent") as .npy.
     #[arg(long)]
     save_latents: Option<PathBuf>,
+    /// The PNG to write (more images get _1, _2, ... before the extension).
     #[arg(long, default_value = "out.png")]
     out: PathBuf,
     /// A LoRA to apply, FILE or FILE:MULTIPLIER (repeatable).
@@ -201,94 +212,121 @@ fn runtime(args: &RuntimeArgs) -> Result<Runtime> {
     Runtime::new(&o, logger)
 }
 
-fn generate(g: Generate) -> Result<()> {
-    let rt = runtime(&g.rt)?;
-    let pipeline = Pipeline::load(&rt, &g.model, &Options::new())?;
-    if !g.loras.is_empty() {
-        let mode = LoraMode::parse(&g.lora_mode).ok_or_else(|| {
-            Error::invalid_argument(format!(
-                "--lora-mode '{}': use auto, merge or slots",
-                g.lora_mode
-            ))
-        })?;
-        let mut list = Vec::new();
-        for spec in &g.loras {
-            let (path, mult) = match spec.rsplit_once(':') {
-                Some((p, m)) if m.parse::<f32>().is_ok() => (p, m.parse::<f32>().unwrap_or(1.0)),
-                _ => (spec.as_str(), 1.0),
-            };
-            list.push((Lora::open_limited(Path::new(path), rt.limits())?, mult));
+/// The job options the command line sets, in `spo_job_create`'s keys.
+fn job_spec(g: &Generate, limits: &Limits) -> Result<JobSpec> {
+    let pairs = [
+        ("prompt", &g.prompt),
+        ("negative_prompt", &g.negative),
+        ("steps", &g.steps),
+        ("guidance", &g.guidance),
+        ("guidance_rescale", &g.guidance_rescale),
+        ("scheduler", &g.scheduler),
+        ("eta", &g.eta),
+        ("seed", &g.seed),
+        ("generator", &g.generator),
+        ("width", &g.width),
+        ("height", &g.height),
+        ("num_images", &g.num_images),
+        ("clip_skip", &g.clip_skip),
+        ("long_prompt", &g.long_prompt),
+        ("step_math", &g.step_math),
+        ("init_image", &g.init_image),
+        ("strength", &g.strength),
+    ];
+    let mut o = Options::new();
+    for (key, value) in pairs {
+        if let Some(v) = value {
+            o.set(key, v)?;
         }
-        pipeline.set_loras(&list, mode)?;
     }
-    let mut spec = JobSpec {
-        prompt: g.prompt,
-        negative_prompt: g.negative,
-        width: g.width,
-        height: g.height,
-        steps: g.steps,
-        guidance: g.guidance,
-        guidance_rescale: g.guidance_rescale,
-        scheduler: g.scheduler,
-        eta: g.eta,
-        seed: g.seed,
-        num_images: g.num_images,
-        clip_skip: g.clip_skip,
-        long_prompt: LongPrompt::parse(&g.long_prompt).ok_or_else(|| {
-            Error::invalid_argument(format!(
-                "--long-prompt '{}': use truncate or chunks",
-                g.long_prompt
-            ))
-        })?,
-        step_math: StepMath::parse(&g.step_math).ok_or_else(|| {
-            Error::invalid_argument(format!(
-                "--step-math '{}': use auto, graph or host",
-                g.step_math
-            ))
-        })?,
-        init_image: g.init_image,
-        strength: g.strength,
-        ..JobSpec::default()
-    };
-    if g.generator != "torch-cpu" {
-        return Err(Error::invalid_argument(format!(
-            "--generator '{}': only torch-cpu is available",
-            g.generator
+    let mut spec = JobSpec::from_options(&o)?;
+    let read = |p: &Path| npy::read_f32(p, limits);
+    spec.init_latents = g.init_latents.as_deref().map(read).transpose()?;
+    spec.step_noise = g.noise.as_deref().map(read).transpose()?;
+    Ok(spec)
+}
+
+/// `FILE` or `FILE:MULTIPLIER`; a file whose own name has a colon is taken whole.
+fn lora_spec(spec: &str) -> Result<(PathBuf, f32)> {
+    let whole = Path::new(spec);
+    match spec.rsplit_once(':') {
+        Some((path, m)) if !whole.is_file() => {
+            let mult = m.trim().parse::<f32>().ok().filter(|v| v.is_finite());
+            let mult = mult.ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "--lora '{spec}': '{m}' is not a finite multiplier (use FILE or FILE:MULTIPLIER)"
+                ))
+            })?;
+            Ok((PathBuf::from(path), mult))
+        }
+        _ => Ok((whole.to_owned(), 1.0)),
+    }
+}
+
+/// Refuses an output the run could not write, before the run: not .png, a
+/// folder, or a folder that is missing or not writable.
+fn check_output(flag: &str, path: &Path, ext: &str) -> Result<()> {
+    let bad = |why: String| Error::invalid_argument(format!("{flag} {}: {why}", path.display()));
+    let got = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if !got.eq_ignore_ascii_case(ext) {
+        return Err(bad(format!(
+            "only .{ext} is written; name the file *.{ext}"
         )));
     }
-    if let Some(p) = &g.init_latents {
-        spec.init_latents = Some(npy::read_f32(p, rt.limits())?.iter().copied().collect());
+    if path.is_dir() {
+        return Err(bad("is a folder".into()));
     }
-    if let Some(p) = &g.noise {
-        let a = npy::read_f32(p, rt.limits())?;
-        spec.step_noise = Some(
-            a.outer_iter()
-                .map(|s| s.iter().copied().collect())
-                .collect(),
-        );
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(bad(format!("{} is not an existing folder", dir.display())));
+    }
+    // Opening is the only honest test (permissions, read-only mounts, root):
+    // an existing file is opened for writing without truncation, a new one
+    // is created and removed again.
+    let probe = if path.exists() {
+        std::fs::OpenOptions::new().write(true).open(path).map(drop)
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .and_then(|_| std::fs::remove_file(path))
+    };
+    probe.map_err(|e| bad(format!("cannot be written: {e}")))
+}
+
+fn generate(g: Generate) -> Result<()> {
+    let rt = runtime(&g.rt)?;
+    let spec = job_spec(&g, rt.limits())?;
+    check_output("--out", &g.out, "png")?;
+    if let Some(p) = &g.save_latents {
+        check_output("--save-latents", p, "npy")?;
+    }
+    let loras: Vec<(PathBuf, f32)> = g
+        .loras
+        .iter()
+        .map(|s| lora_spec(s))
+        .collect::<Result<_>>()?;
+    let mode = LoraMode::parse(&g.lora_mode).ok_or_else(|| {
+        Error::invalid_argument(format!(
+            "--lora-mode '{}': use auto, merge or slots",
+            g.lora_mode
+        ))
+    })?;
+    let pipeline = Pipeline::load(&rt, &g.model, &Options::new())?;
+    if !loras.is_empty() {
+        let list = loras
+            .iter()
+            .map(|(p, m)| Ok((Lora::open_limited(p, rt.limits())?, *m)))
+            .collect::<Result<Vec<_>>>()?;
+        pipeline.set_loras(&list, mode)?;
     }
     let mut job = pipeline.job(spec)?;
-    let total = job.total_steps() as u64;
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let b = indicatif::ProgressBar::new(total);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed_precise}")
-                .expect("template"),
-        );
-        b
-    });
-    let b2 = bar.clone();
-    job.set_progress(Some(Box::new(move |done, _| {
-        if let Some(b) = &b2 {
-            b.set_position(done as u64);
-        }
-        true
-    })));
     let t0 = std::time::Instant::now();
-    job.run()?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    run_with_progress(&mut job)?;
     if let Some(p) = &g.save_latents {
         let l = job.latents().expect("done");
         let f = std::fs::File::create(p).map_err(|e| Error::io(p, e))?;
@@ -311,6 +349,31 @@ fn generate(g: Generate) -> Result<()> {
             img.height,
             t0.elapsed().as_secs_f64()
         );
+    }
+    Ok(())
+}
+
+/// Runs a job to the end, with a progress bar on a terminal.
+fn run_with_progress(job: &mut spo_runtime::pipeline::Job) -> Result<()> {
+    let total = job.total_steps() as u64;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed_precise}")
+                .expect("template"),
+        );
+        b
+    });
+    let b2 = bar.clone();
+    job.set_progress(Some(Box::new(move |done, _| {
+        if let Some(b) = &b2 {
+            b.set_position(done as u64);
+        }
+        true
+    })));
+    job.run()?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     Ok(())
 }
@@ -345,10 +408,23 @@ fn lora_inspect(file: &Path, model: &Path) -> Result<()> {
     for (k, why) in &r.unmatched {
         println!("  {k}: {why}");
     }
-    Ok(())
+    if !r.duplicates.is_empty() {
+        println!("\nduplicate {} key(s):", r.duplicates.len());
+        for (_, why) in &r.duplicates {
+            println!("  {why}");
+        }
+    }
+    // Exits with the error (naming both keys) when the LoRA cannot be applied.
+    r.into_checked(false).map(|_| ())
 }
 
 fn grad(g: Grad) -> Result<()> {
+    if !(g.fd_step.is_finite() && g.fd_step > 0.0) {
+        return Err(Error::invalid_argument(format!(
+            "--fd-step {}: the step must be a finite number above 0",
+            g.fd_step
+        )));
+    }
     let rt = runtime(&g.rt)?;
     let t0 = std::time::Instant::now();
     let mut runner = GradRunner::open(&rt, &g.train_dir)?;
