@@ -3,7 +3,7 @@
 `timestep` int64 [B], `input_ids` int64 [B,77]; output `score` f32 [B]):
 
     PYTHONPATH=onnx python -m spo_onnx.shapes.adherence --out models/shapes-sdxl/preference \
-        [--tokenizer models/shapes-sdxl/tokenizer]
+        [--tokenizer models/shapes-sdxl/tokenizer] [--kind adherence|size]
 
 writes `model.onnx`, `adherence.onnx` (a relative symlink to it: the name the
 issue asks for; the runtime opens `model.onnx`), `tokenizer/` (vocabulary as
@@ -20,6 +20,12 @@ Adherence kind, a smooth score of how well the image shows the prompt's colours:
   - 10 relu(0.03 - foreground share): a term drops out when its colour is
   not named; an image without a visible shape loses up to 0.3.
 The timestep is ignored (the score is the same at every step).
+
+Size kind (`--kind size`), the toy world's preference with headroom: the
+adherence score plus 5 x the foreground share, so a bigger shape in the
+prompt's colours wins. The shapes model already adheres (a trained LoRA has
+little to gain there), while its shapes span 35-60% of the side, so SPO has
+room to move them.
 """
 
 import argparse
@@ -75,16 +81,30 @@ class AdherenceScore(torch.nn.Module):
         return -10.0 * (e_fg + e_bg + absent) + 0.0 * timestep.float()
 
 
-def write(out, tokenizer_dir=DEFAULT_TOKENIZER):
-    model = AdherenceScore(colour_token_ids(tokenizer_dir)).eval()
+SIZE_WEIGHT = 5.0
+
+
+class SizeScore(AdherenceScore):
+    def forward(self, image, timestep, input_ids):
+        _, _, share = self.colours(image)
+        return super().forward(image, timestep, input_ids) + SIZE_WEIGHT * share
+
+
+KINDS = {"adherence": AdherenceScore, "size": SizeScore}
+
+
+def write(out, tokenizer_dir=DEFAULT_TOKENIZER, kind="adherence"):
+    model = KINDS[kind](colour_token_ids(tokenizer_dir)).eval()
     export_model(model, out)
-    link = os.path.join(out, "adherence.onnx")
-    if os.path.lexists(link):
-        os.remove(link)
-    os.symlink("model.onnx", link)
+    if kind == "adherence":
+        link = os.path.join(out, "adherence.onnx")
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink("model.onnx", link)
     copy_tokenizer(tokenizer_dir, out, link=True)
+    doc = __doc__.split("Adherence kind, ")[1].strip()
     with open(os.path.join(out, "preference.json"), "w") as f:
-        json.dump({"format": 1, "kind": "adherence", "doc": __doc__.split("Adherence kind, ")[1].strip()}, f, indent=1)
+        json.dump({"format": 1, "kind": kind, "doc": doc}, f, indent=1)
         f.write("\n")
     return model
 
@@ -93,8 +113,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="a CLIP tokenizer folder")
+    ap.add_argument("--kind", choices=sorted(KINDS), default="adherence")
     a = ap.parse_args(argv)
-    write(a.out, a.tokenizer)
+    write(a.out, a.tokenizer, a.kind)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def publish(pipeline, out=OUT):
                     json.dump(conf, f, indent=2)
                     f.write("\n")
     adherence.write(os.path.join(out, "preference"), os.path.join(out, "tokenizer"))
+    adherence.write(os.path.join(out, "preference-size"), os.path.join(out, "tokenizer"), kind="size")
     return out
 
 
