@@ -500,7 +500,9 @@ struct spo_error *spo_options_create(struct spo_options **out);
 
 // Sets `key` to `value` (both UTF-8). Unknown keys are refused at once.
 //
-// Runtime keys: "ep" (ordered list, default "cuda,cpu"), "ep.strict"
+// Runtime keys: "ep" (ordered list, default "cuda,cpu"; from the default, a
+// CUDA provider missing from the loaded ONNX Runtime build is skipped with an
+// info message, while a list naming it gets a warning), "ep.strict"
 // ("true" makes an unavailable provider an error instead of a logged fallback),
 // "ort.library_path", "log.level", "threads.intra", and the CUDA pass-through
 // keys "cuda.device_id", "cuda.arena_extend_strategy",

@@ -81,7 +81,9 @@ pub extern "C" fn spo_options_create(out: *mut *mut spo_options) -> *mut spo_err
 
 /// Sets `key` to `value` (both UTF-8). Unknown keys are refused at once.
 ///
-/// Runtime keys: "ep" (ordered list, default "cuda,cpu"), "ep.strict"
+/// Runtime keys: "ep" (ordered list, default "cuda,cpu"; from the default, a
+/// CUDA provider missing from the loaded ONNX Runtime build is skipped with an
+/// info message, while a list naming it gets a warning), "ep.strict"
 /// ("true" makes an unavailable provider an error instead of a logged fallback),
 /// "ort.library_path", "log.level", "threads.intra", and the CUDA pass-through
 /// keys "cuda.device_id", "cuda.arena_extend_strategy",

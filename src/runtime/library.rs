@@ -1,8 +1,8 @@
 //! Finding and loading the ONNX Runtime shared library.
 //!
 //! ONNX Runtime is loaded once per process (`ort`'s `load-dynamic` keeps one
-//! library); every runtime after the first shares it. Search order, from the
-//! architecture page: the `ort.library_path` option, `SPO_ORT_LIBRARY`,
+//! library); every runtime after the first shares it. Search order (docs/architecture.md,
+//! "Loading ONNX Runtime"): the `ort.library_path` option, `SPO_ORT_LIBRARY`,
 //! `ORT_DYLIB_PATH`, the folder of the loaded spo_runtime library, then the
 //! system search path. An explicitly configured place (the first three) is
 //! authoritative: when it fails we stop there rather than silently load another
@@ -186,8 +186,10 @@ fn try_load(path: &Path) -> std::result::Result<LoadedLibrary, String> {
         .map_err(|e| e.to_string())?
         .with_name("spo-runtime")
         .with_telemetry(false)
+        .with_logger(super::ort_log::forwarder())
         .build()
         .map_err(|e| e.to_string())?;
+    env.set_log_level(super::ort_log::ORT_LEVEL);
     let path = path.canonicalize().unwrap_or_else(|_| resolved_path(path));
     Ok(LoadedLibrary { path, version, env })
 }

@@ -4,6 +4,7 @@
 pub mod ep;
 pub mod library;
 pub mod log;
+pub mod ort_log;
 pub mod session;
 
 use std::sync::Arc;
@@ -31,6 +32,8 @@ struct Inner {
     eps: EpSet,
     intra_threads: Option<usize>,
     logger: Logger,
+    /// The id its sessions log under, so ONNX Runtime's messages reach `logger`.
+    log_id: String,
     /// Sessions built so far (tests check that unchanged LoRA sets rebuild nothing).
     sessions_built: std::sync::atomic::AtomicUsize,
 }
@@ -57,12 +60,14 @@ impl Runtime {
             library.path.display()
         ));
         let eps = EpSet::resolve(options, &library.env, &logger)?;
+        let log_id = ort_log::register(&logger);
         Ok(Runtime {
             inner: Arc::new(Inner {
                 library,
                 eps,
                 intra_threads,
                 logger,
+                log_id,
                 sessions_built: Default::default(),
             }),
         })
@@ -108,6 +113,8 @@ impl Runtime {
     pub fn session_builder(&self) -> Result<SessionBuilder> {
         let mut b = SessionBuilder::new(&self.inner.library.env)?
             .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(ort::Error::from)?
+            .with_log_id(&self.inner.log_id)
             .map_err(ort::Error::from)?;
         if let Some(n) = self.inner.intra_threads {
             b = b.with_intra_threads(n).map_err(ort::Error::from)?;

@@ -35,9 +35,11 @@ struct Cli {
 
 #[derive(Args)]
 struct RuntimeArgs {
-    /// Execution providers in order of preference.
-    #[arg(long, default_value = "cuda,cpu")]
-    ep: String,
+    /// Execution providers in order of preference [default: cuda,cpu, where a
+    /// CUDA provider missing from the loaded ONNX Runtime is skipped quietly;
+    /// named here, it is skipped with a warning].
+    #[arg(long)]
+    ep: Option<String>,
     /// Fail instead of falling back when a provider is unavailable.
     #[arg(long)]
     ep_strict: bool,
@@ -68,6 +70,7 @@ enum Command {
     Score(Box<train::Score>),
     /// Print a model folder's components, dtypes, shapes and providers.
     Info {
+        /// The model folder (diffusers/optimum ONNX layout).
         #[arg(long)]
         model: PathBuf,
         #[command(flatten)]
@@ -98,6 +101,7 @@ struct Grad {
     #[arg(long, default_value_t = 1e-3)]
     fd_step: f32,
     /// Seed of the random inputs and directions.
+    /// Random seed of the initial latents and the per-step noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[command(flatten)]
@@ -109,7 +113,9 @@ enum LoraCommand {
     /// Print a LoRA's format, dialect, rank and alpha, every module it matches
     /// in the model and every key it does not.
     Inspect {
+        /// The LoRA file (.safetensors).
         file: PathBuf,
+        /// The model folder whose modules the LoRA is resolved against.
         #[arg(long)]
         model: PathBuf,
     },
@@ -117,17 +123,22 @@ enum LoraCommand {
 
 #[derive(Args)]
 struct Generate {
+    /// The model folder (diffusers/optimum ONNX layout: model_index.json, unet/, ...).
     #[arg(long)]
     model: PathBuf,
+    /// The prompt.
     #[arg(long, default_value = "")]
     prompt: String,
     /// Negative prompt; without it SDXL uses zero embeddings (force_zeros_for_empty_prompt).
     #[arg(long)]
     negative: Option<String>,
+    /// Denoising steps (img2img runs the last `strength` part of them).
     #[arg(long, default_value_t = 30)]
     steps: usize,
+    /// Classifier-free guidance scale; 1 or less turns guidance off.
     #[arg(long, default_value_t = 5.0)]
     guidance: f64,
+    /// Guidance rescale (diffusers' guidance_rescale), 0 to 1.
     #[arg(long, default_value_t = 0.0)]
     guidance_rescale: f64,
     /// euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, ddpm
@@ -136,15 +147,19 @@ struct Generate {
     /// DDIM eta.
     #[arg(long, default_value_t = 0.0)]
     eta: f64,
+    /// Random seed of the initial latents and the per-step noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Noise generator: torch-cpu (the default) matches torch.Generator("cpu").manual_seed(seed).
     #[arg(long, default_value = "torch-cpu")]
     generator: String,
+    /// Image width in pixels [default: the model's own size].
     #[arg(long)]
     width: Option<usize>,
+    /// Image height in pixels [default: the model's own size].
     #[arg(long)]
     height: Option<usize>,
+    /// Images per prompt; more than one writes OUT_1.png, OUT_2.png, ...
     #[arg(long, default_value_t = 1)]
     num_images: usize,
     /// Skip this many final CLIP layers (diffusers' clip_skip).
@@ -157,8 +172,10 @@ struct Generate {
     /// on CPU), graph (beside the UNet, latents stay on its device) or host.
     #[arg(long, default_value = "auto")]
     step_math: String,
+    /// A PNG to start from (image-to-image).
     #[arg(long)]
     init_image: Option<PathBuf>,
+    /// How much of --init-image is repainted, 0 to 1 (image-to-image only).
     #[arg(long, default_value_t = 0.6)]
     strength: f64,
     /// Initial latents (.npy): the tensor diffusers takes as `latents=`.
@@ -170,6 +187,7 @@ struct Generate {
     /// Write the final latents (diffusers' output_type="latent") as .npy.
     #[arg(long)]
     save_latents: Option<PathBuf>,
+    /// Where to write the PNG.
     #[arg(long, default_value = "out.png")]
     out: PathBuf,
     /// A LoRA to apply, FILE or FILE:MULTIPLIER (repeatable).
@@ -194,7 +212,9 @@ fn runtime(args: &RuntimeArgs) -> Result<Runtime> {
         Some(Arc::new(|l: LogLevel, m: &str| eprintln!("[{l:?}] {m}"))),
     );
     let mut o = Options::new();
-    o.set("ep", &args.ep)?;
+    if let Some(ep) = &args.ep {
+        o.set("ep", ep)?;
+    }
     o.set("ep.strict", if args.ep_strict { "true" } else { "false" })?;
     if let Some(t) = args.threads {
         o.set("threads.intra", &t.to_string())?;
@@ -209,6 +229,7 @@ fn read_npy(path: &Path) -> Result<ArrayD<f32>> {
 }
 
 fn generate(g: Generate) -> Result<()> {
+    let t_start = std::time::Instant::now();
     let rt = runtime(&g.rt)?;
     let pipeline = Pipeline::load(&rt, &g.model, &Options::new())?;
     if !g.loras.is_empty() {
@@ -292,7 +313,9 @@ fn generate(g: Generate) -> Result<()> {
         true
     })));
     let t0 = std::time::Instant::now();
+    let load_time = t0 - t_start;
     job.run()?;
+    let generate_time = t0.elapsed();
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -312,11 +335,13 @@ fn generate(g: Generate) -> Result<()> {
         };
         img.write_png(&path)?;
         println!(
-            "wrote {} ({}x{}) in {:.2}s",
+            "wrote {} ({}x{}) in {:.2}s: {:.2}s loading the model and LoRAs, {:.2}s generating",
             path.display(),
             img.width,
             img.height,
-            t0.elapsed().as_secs_f64()
+            t_start.elapsed().as_secs_f64(),
+            load_time.as_secs_f64(),
+            generate_time.as_secs_f64()
         );
     }
     Ok(())
