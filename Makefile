@@ -11,6 +11,8 @@ TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),$(CURDIR)/target))
 LIBDIR := $(TARGET_DIR)/$(PROFILE)
 ORT_DIR := $(CURDIR)/third_party/onnxruntime/cpu
 export SPO_ORT_LIBRARY ?= $(ORT_DIR)/libonnxruntime.so
+# The CLI that scripts and Python tests run (they default to target/release/spo).
+export SPO_CLI := $(LIBDIR)/spo
 CFLAGS := -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror -g -I$(CURDIR)/include
 CLIBS := -L$(LIBDIR) -lspo_runtime -Wl,-rpath,$(LIBDIR) -lpthread -lm
 VALGRIND := valgrind --quiet --error-exitcode=1 --leak-check=full \
