@@ -186,10 +186,8 @@ fn try_load(path: &Path) -> std::result::Result<LoadedLibrary, String> {
         .map_err(|e| e.to_string())?
         .with_name("spo-runtime")
         .with_telemetry(false)
-        .with_logger(super::ort_log::forwarder())
         .build()
         .map_err(|e| e.to_string())?;
-    env.set_log_level(super::ort_log::ORT_LEVEL);
     let path = path.canonicalize().unwrap_or_else(|_| resolved_path(path));
     Ok(LoadedLibrary { path, version, env })
 }

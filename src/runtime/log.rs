@@ -1,7 +1,7 @@
 //! Per-runtime logging. Each runtime owns its sink; nothing is global, so two
 //! hosts in one process (an engine and a plugin) keep their logs apart.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use parking_lot::RwLock;
 
@@ -78,22 +78,6 @@ impl Logger {
     }
     pub fn debug(&self, message: &str) {
         self.log(LogLevel::Debug, message)
-    }
-}
-
-impl Logger {
-    /// A reference that does not keep the sink alive (for `ort_log`'s registry).
-    pub(crate) fn downgrade(&self) -> WeakLogger {
-        WeakLogger(Arc::downgrade(&self.sink))
-    }
-}
-
-/// A `Logger` that may have been dropped.
-pub(crate) struct WeakLogger(Weak<RwLock<Option<LogSink>>>);
-
-impl WeakLogger {
-    pub(crate) fn upgrade(&self) -> Option<Logger> {
-        self.0.upgrade().map(|sink| Logger { sink })
     }
 }
 

@@ -32,8 +32,6 @@ struct Inner {
     eps: EpSet,
     intra_threads: Option<usize>,
     logger: Logger,
-    /// The id its sessions log under, so ONNX Runtime's messages reach `logger`.
-    log_id: String,
     /// Sessions built so far (tests check that unchanged LoRA sets rebuild nothing).
     sessions_built: std::sync::atomic::AtomicUsize,
 }
@@ -60,14 +58,12 @@ impl Runtime {
             library.path.display()
         ));
         let eps = EpSet::resolve(options, &library.env, &logger)?;
-        let log_id = ort_log::register(&logger);
         Ok(Runtime {
             inner: Arc::new(Inner {
                 library,
                 eps,
                 intra_threads,
                 logger,
-                log_id,
                 sessions_built: Default::default(),
             }),
         })
@@ -114,7 +110,9 @@ impl Runtime {
         let mut b = SessionBuilder::new(&self.inner.library.env)?
             .with_optimization_level(GraphOptimizationLevel::Level3)
             .map_err(ort::Error::from)?
-            .with_log_id(&self.inner.log_id)
+            .with_logger(ort_log::forwarder(self.inner.logger.clone()))
+            .map_err(ort::Error::from)?
+            .with_log_level(ort_log::SESSION_LEVEL)
             .map_err(ort::Error::from)?;
         if let Some(n) = self.inner.intra_threads {
             b = b.with_intra_threads(n).map_err(ort::Error::from)?;
