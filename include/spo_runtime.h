@@ -461,8 +461,7 @@ struct spo_error *spo_lora_load(const struct spo_runtime *runtime,
 // (unknown key).
 struct spo_error *spo_lora_info(const struct spo_lora *lora, const char *key, char **out);
 
-// Frees a LoRA handle. NULL is a no-op. Pipelines it was applied to keep
-// what they need.
+// Frees a LoRA handle.
 //
 // Ownership: takes `lora`; it must not be used afterwards. Pipelines it was applied to
 // keep what they need.

@@ -86,8 +86,7 @@ pub extern "C" fn spo_lora_info(
     })
 }
 
-/// Frees a LoRA handle. NULL is a no-op. Pipelines it was applied to keep
-/// what they need.
+/// Frees a LoRA handle.
 ///
 /// Ownership: takes `lora`; it must not be used afterwards. Pipelines it was applied to
 /// keep what they need.
