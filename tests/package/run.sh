@@ -62,7 +62,10 @@ mkdir -p "$work/unpacked"
 tar -C "$work/unpacked" -xzf "$tarball"
 cli=$(echo "$work"/unpacked/*/bin/spo)
 [ -x "$cli" ] || fail "no bin/spo in $tarball"
-(cd "$work" && "$cli" generate --model "$model" --prompt "a lighthouse" --steps 2 \
-  --seed 1 --out "$work/cli.png") | sed 's/^/  [dist cli] /'
+out=$(cd "$work" && "$cli" generate -v --model "$model" --prompt "a lighthouse" --steps 2 \
+  --seed 1 --out "$work/cli.png" 2>&1) || fail "the unpacked CLI failed: $out"
+echo "$out" | sed 's/^/  [dist cli] /'
+grep -q "ONNX Runtime .* loaded from $work/unpacked/[^/]*/lib/" <<<"$out" ||
+  fail "the unpacked CLI did not load ONNX Runtime from its own lib/"
 [ "$(head -c 4 "$work/cli.png" | tail -c 3)" = "PNG" ] || fail "the unpacked CLI wrote no PNG"
 echo "package-test: install, pkg-config, CMake and the unpacked tarball all work (version $version, ABI $abi)"
