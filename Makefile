@@ -5,16 +5,28 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 PROFILE := release
-LIBDIR := $(CURDIR)/target/$(PROFILE)
+# Cargo's output folder: CARGO_TARGET_DIR when set (relative to this folder, as
+# cargo reads it), else target/.
+TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),$(CURDIR)/target))
+LIBDIR := $(TARGET_DIR)/$(PROFILE)
 ORT_DIR := $(CURDIR)/third_party/onnxruntime/cpu
 export SPO_ORT_LIBRARY ?= $(ORT_DIR)/libonnxruntime.so
+# The CLI that scripts and Python tests run (they default to target/release/spo).
+export SPO_CLI := $(LIBDIR)/spo
 CFLAGS := -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror -g -I$(CURDIR)/include
 CLIBS := -L$(LIBDIR) -lspo_runtime -Wl,-rpath,$(LIBDIR) -lpthread -lm
 VALGRIND := valgrind --quiet --error-exitcode=1 --leak-check=full \
 	--errors-for-leak-kinds=definite,indirect --suppressions=$(CURDIR)/tests/c/valgrind.supp
+# The package version (Cargo.toml) and the C ABI version (the header, from src/ffi).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n1)
+ABI := $(shell sed -n 's/^\#define SPO_ABI_VERSION //p' include/spo_runtime.h)
+PREFIX ?= /usr/local
+DIST_NAME := spo-runtime-$(VERSION)-linux-$(shell uname -m)
+DIST_TARBALL := $(CURDIR)/out/$(DIST_NAME).tar.gz
 C_TESTS := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/*.c))
 
-.PHONY: all demo test setup apt ort build lint rust-test c-test py-test symbols header clean broken-models examples bench
+.PHONY: all demo test setup apt ort build lint rust-test c-test py-test symbols header clean broken-models examples bench \
+	install dist package-test
 
 all: build
 
@@ -22,7 +34,7 @@ all: build
 setup: apt ort
 
 apt:
-	@missing=""; for t in valgrind:valgrind gcc:gcc nm:binutils; do \
+	@missing=""; for t in valgrind:valgrind gcc:gcc nm:binutils cmake:cmake pkg-config:pkg-config; do \
 	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; apt-get update -qq && apt-get install -y -qq $$missing; fi
@@ -34,6 +46,8 @@ build: ort
 	$(CARGO) build --$(PROFILE) --locked
 	@# Binaries find ONNX Runtime beside libspo_runtime.so (search step 4).
 	@ln -sf $(ORT_DIR)/libonnxruntime.so* $(LIBDIR)/
+	@# Programs linked against it record its SONAME (libspo_runtime.so.ABI, build.rs).
+	@ln -sf libspo_runtime.so $(LIBDIR)/libspo_runtime.so.$(ABI)
 
 ## The main job ----------------------------------------------------------------
 # A real text-to-image run on the bundled shapes model (a tiny SDXL trained on
@@ -66,7 +80,7 @@ examples: $(EXAMPLES) tests/c/build/example-cpp-txt2img tests/c/build/example-cp
 	@head -c 8 tests/c/build/txt2img.png | od -An -c | grep -q 'P   N   G' || { echo "txt2img did not write a PNG"; exit 1; }
 
 ## Tests -------------------------------------------------------------------------
-test: setup lint rust-test symbols c-test examples py-test
+test: setup lint rust-test symbols c-test examples package-test py-test
 	@echo "make test: all checks passed"
 
 lint:
@@ -104,6 +118,41 @@ py-test:
 	@if ls tests/python/test_*.py >/dev/null 2>&1; then \
 	  venv=$$(bash scripts/python-env.sh) && cd $(CURDIR) && PYTHONPATH=onnx $$venv/bin/python -m pytest -q tests/python; \
 	else echo "py-test: no Python tests"; fi
+
+## Packaging -------------------------------------------------------------------
+# A relocatable tree: include/ (C header, C++ wrapper), lib/ (libspo_runtime.so.ABI
+# and its link, ONNX Runtime beside it, pkg-config and CMake files), bin/spo (run
+# path $$ORIGIN/../lib), share/doc/spo-runtime/. Debug info is stripped.
+install: build
+	@[ -n "$(PREFIX)" ] || { echo "install: PREFIX is empty"; exit 1; }
+	install -d $(PREFIX)/include $(PREFIX)/bin $(PREFIX)/lib/pkgconfig \
+	  $(PREFIX)/lib/cmake/spo-runtime $(PREFIX)/share/doc/spo-runtime
+	install -m 644 include/spo_runtime.h bindings/cpp/spo_runtime.hpp $(PREFIX)/include/
+	install -m 755 $(LIBDIR)/libspo_runtime.so $(PREFIX)/lib/libspo_runtime.so.$(ABI)
+	ln -sf libspo_runtime.so.$(ABI) $(PREFIX)/lib/libspo_runtime.so
+	cp -P $(ORT_DIR)/libonnxruntime*.so* $(PREFIX)/lib/
+	install -m 755 $(LIBDIR)/spo $(PREFIX)/bin/spo
+	strip --strip-debug $(PREFIX)/lib/libspo_runtime.so.$(ABI) $(PREFIX)/bin/spo
+	sed -e 's/@VERSION@/$(VERSION)/g' -e 's/@ABI@/$(ABI)/g' packaging/spo-runtime.pc.in \
+	  > $(PREFIX)/lib/pkgconfig/spo-runtime.pc
+	for f in spo-runtime-config spo-runtime-config-version; do \
+	  sed -e 's/@VERSION@/$(VERSION)/g' -e 's/@ABI@/$(ABI)/g' packaging/$$f.cmake.in \
+	    > $(PREFIX)/lib/cmake/spo-runtime/$$f.cmake; done
+	install -m 644 README.md $(PREFIX)/share/doc/spo-runtime/
+
+# The same tree as a tarball: out/spo-runtime-VERSION-linux-ARCH.tar.gz.
+dist:
+	rm -rf out/dist
+	$(MAKE) --no-print-directory install PREFIX=$(CURDIR)/out/dist/$(DIST_NAME)
+	tar -C out/dist -czf $(DIST_TARBALL) $(DIST_NAME)
+	rm -rf out/dist
+	@echo "dist: $(DIST_TARBALL) ($$(du -h $(DIST_TARBALL) | cut -f1))"
+
+# Installs into a temp prefix and builds programs of a user's own against it.
+package-test: dist
+	@stage=$$(mktemp -d) && trap 'rm -rf "$$stage"' EXIT && \
+	$(MAKE) --no-print-directory -s install PREFIX=$$stage/prefix >/dev/null && \
+	bash tests/package/run.sh $$stage/prefix $(DIST_TARBALL) $(VERSION) $(ABI) tests/fixtures/tiny-sd15
 
 ## Maintenance --------------------------------------------------------------------
 # Regenerates include/spo_runtime.h from src/ffi (commit the result).

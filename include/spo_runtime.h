@@ -120,30 +120,71 @@ typedef int32_t spo_lora_mode;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
-// An error object owned by the caller; free it with `spo_error_free`.
+// An error object: what every fallible call returns instead of NULL.
+//
+// Ownership: the caller owns it; free it once with `spo_error_free`.
+// Threading: immutable: read it from any thread; free it from one.
+// Errors: none; it is itself the error value every fallible call returns.
 typedef struct spo_error spo_error;
 
-// Finished images, owned by the caller; free with `spo_images_free`.
+// The finished RGB8 images of a job.
+//
+// Ownership: the caller owns it (from `spo_job_take_images`); free it with
+// `spo_images_free`, which invalidates every `spo_image` view of it.
+// Threading: immutable: read it from any thread; free it when no thread reads it.
+// Errors: see each function.
 typedef struct spo_images spo_images;
 
-// A generation job. `spo_job_cancel` may be called from any thread; the other
-// calls on one job must not overlap (an overlapping call gets SPO_ERR_BUSY).
+// A generation job: one request (prompt, size, steps, ...) on one pipeline.
+//
+// Ownership: the caller owns it (from `spo_job_create`); free it with `spo_job_free`.
+// It keeps its pipeline's sessions alive.
+// Threading: `spo_job_cancel` and `spo_job_preview` may be called from any thread; the
+// other calls on one job must not overlap (an overlapping call gets SPO_ERR_BUSY).
+// Errors: see each function; a failed step leaves the job failed.
 typedef struct spo_job spo_job;
 
-// A loaded LoRA file. Immutable: share it between pipelines and threads.
+// A loaded LoRA file, not yet tied to any pipeline.
+//
+// Ownership: the caller owns it (from `spo_lora_load`); free it with `spo_lora_free`.
+// Pipelines keep what they need of it.
+// Threading: immutable: share it between pipelines and threads.
+// Errors: see each function.
 typedef struct spo_lora spo_lora;
 
-// A settings object owned by the caller.
+// A settings object: string keys and values for a runtime, pipeline, job or trainer.
+//
+// Ownership: the caller owns it (from `spo_options_create`); free it with
+// `spo_options_free`. Objects created from it copy what they need.
+// Threading: a call that changes it must not overlap any other use of it; several
+// threads may create objects from it at once.
+// Errors: see each function; a refused setting leaves the object unchanged.
 typedef struct spo_options spo_options;
 
-// A loaded pipeline. Shareable between threads; it runs one job at a time.
+// A loaded model folder with its ONNX Runtime sessions.
+//
+// Ownership: the caller owns it (from `spo_pipeline_load`); free it with
+// `spo_pipeline_free`. It keeps its runtime alive.
+// Threading: shareable between threads; it runs one job at a time (a second job or a
+// LoRA change while one is active gets SPO_ERR_BUSY).
+// Errors: see each function.
 typedef struct spo_pipeline spo_pipeline;
 
-// A runtime, shareable by any number of threads.
+// A runtime: the loaded ONNX Runtime and the execution providers in use.
+//
+// Ownership: the caller owns it (from `spo_runtime_create`); free it with
+// `spo_runtime_free`. Pipelines created from it keep it alive.
+// Threading: shareable by any number of threads.
+// Errors: see each function.
 typedef struct spo_runtime spo_runtime;
 
-// A trainer. `spo_trainer_cancel` may be called from any thread; the other
-// calls on one trainer must not overlap (an overlapping call gets SPO_ERR_BUSY).
+// An SPO trainer: a LoRA trained on one pipeline's UNet, with its optimizer state.
+//
+// Ownership: the caller owns it (from `spo_trainer_create`); free it with
+// `spo_trainer_free`. It keeps its pipeline alive.
+// Threading: `spo_trainer_cancel` may be called from any thread; the other calls on
+// one trainer must not overlap (an overlapping call gets SPO_ERR_BUSY).
+// Errors: see each function; a failed call leaves the trainer as it was.
 typedef struct spo_trainer spo_trainer;
 
 // Progress callback: called after each denoising step with the steps done
@@ -227,22 +268,31 @@ extern "C" {
 
 // The library version ("MAJOR.MINOR.PATCH"), a static string never freed.
 //
+// Ownership: the string is static; never free it.
 // Threading: any thread.
+// Errors: none.
 const char *spo_version(void);
 
 // The ABI version the library implements; compare with `SPO_ABI_VERSION`.
 //
+// Ownership: nothing to free.
 // Threading: any thread.
+// Errors: none.
 uint32_t spo_abi_version(void);
 
 // Frees a string returned by the library. NULL is a no-op.
 //
-// Ownership: takes `s`, which must come from a `spo_*` call that says so.
+// Ownership: takes `s`, which must come from a `spo_*` call that says so; it must not
+// be used afterwards.
+// Threading: any thread, once per string.
+// Errors: none (NULL is a no-op).
 void spo_string_free(char *s);
 
 // The code of an error. `SPO_OK` for NULL.
 //
-// Threading: any thread. Ownership: borrows `error`.
+// Ownership: borrows `error`.
+// Threading: any thread.
+// Errors: none.
 spo_code spo_error_code(const struct spo_error *error);
 
 // The UTF-8 message of an error, naming the file, key or shape at fault.
@@ -250,11 +300,14 @@ spo_code spo_error_code(const struct spo_error *error);
 //
 // Ownership: the string belongs to `error` and is valid until `spo_error_free`.
 // Threading: any thread.
+// Errors: none.
 const char *spo_error_message(const struct spo_error *error);
 
 // Frees an error returned by any `spo_*` call. NULL is a no-op.
 //
-// Ownership: takes `error`; it must not be used afterwards. Threading: any thread.
+// Ownership: takes `error`; it must not be used afterwards.
+// Threading: any thread, once per error.
+// Errors: none (NULL is a no-op).
 void spo_error_free(struct spo_error *error);
 
 // Creates a job on a pipeline. Job keys: "prompt", "negative_prompt",
@@ -285,11 +338,12 @@ void spo_error_free(struct spo_error *error);
 // A pipeline holds one active job: from creation until the job finishes,
 // fails, is cancelled or is freed. Creating another meanwhile is SPO_ERR_BUSY.
 //
-// Ownership: borrows the arguments; `*out` is freed with `spo_job_free` and
-// written only on success. Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT,
-// SPO_ERR_UNKNOWN_OPTION, SPO_ERR_INVALID_OPTION_VALUE (names the key, or the
-// limit exceeded), SPO_ERR_INVALID_ARGUMENT (init image of another size),
-// SPO_ERR_INVALID_FILE, SPO_ERR_BUSY.
+// Ownership: borrows the arguments; `*out` is freed with `spo_job_free` and written
+// only on success.
+// Threading: any thread.
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_UNKNOWN_OPTION, SPO_ERR_INVALID_OPTION_VALUE
+// (names the key, or the limit exceeded), SPO_ERR_INVALID_ARGUMENT (init image of
+// another size), SPO_ERR_INVALID_FILE, SPO_ERR_BUSY (the pipeline has an active job).
 struct spo_error *spo_job_create(const struct spo_pipeline *pipeline,
                                  const struct spo_options *options,
                                  struct spo_job **out);
@@ -298,6 +352,8 @@ struct spo_error *spo_job_create(const struct spo_pipeline *pipeline,
 // that calls `spo_job_step`/`spo_job_run`; a nonzero return cancels the job.
 //
 // Ownership: `user_data` stays the caller's and must outlive the job.
+// Threading: not concurrently with other calls on this job (an overlapping call gets
+// SPO_ERR_BUSY); the callback runs on the thread that steps the job.
 // Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY (the job is running).
 struct spo_error *spo_job_set_progress_callback(const struct spo_job *job,
                                                 spo_progress_callback callback,
@@ -307,22 +363,31 @@ struct spo_error *spo_job_set_progress_callback(const struct spo_job *job,
 // last also decodes the images), so a host can spread a job over frames.
 //
 // `status` may be NULL; when given it is written on success.
-// Threading: not concurrently with other calls on this job (SPO_ERR_BUSY).
+//
+// Ownership: borrows `job`; `status` is the caller's storage.
+// Threading: not concurrently with other calls on this job (an overlapping call gets
+// SPO_ERR_BUSY).
 // Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_CANCELLED, SPO_ERR_BUSY, SPO_ERR_ORT,
-// SPO_ERR_INVALID_MODEL. After an error the job stays failed and the pipeline
-// is free for a new job.
+// SPO_ERR_INVALID_MODEL. After an error the job stays failed and the pipeline is free
+// for a new job.
 struct spo_error *spo_job_step(const struct spo_job *job, struct spo_job_status *status);
 
 // Runs the job to the end.
 //
-// Threading: not concurrently with other calls on this job (SPO_ERR_BUSY);
-// `spo_job_cancel` from another thread stops it with SPO_ERR_CANCELLED.
+// Ownership: borrows `job`.
+// Threading: not concurrently with other calls on this job (an overlapping call gets
+// SPO_ERR_BUSY); `spo_job_cancel` from another thread stops it with SPO_ERR_CANCELLED.
 // Errors: as `spo_job_step`.
 struct spo_error *spo_job_run(const struct spo_job *job);
 
 // Requests cancellation. Safe from any thread, also while `spo_job_run` runs
 // elsewhere: the running ONNX Runtime call is terminated and the job ends with
 // SPO_ERR_CANCELLED. NULL is a no-op.
+//
+// Ownership: borrows `job`.
+// Threading: any thread, also while another thread runs the job.
+// Errors: none (NULL is a no-op); the cancelled job's own call reports
+// SPO_ERR_CANCELLED.
 void spo_job_cancel(const struct spo_job *job);
 
 // Copies the predicted x0 latents of the latest finished step (diffusers'
@@ -335,10 +400,13 @@ void spo_job_cancel(const struct spo_job *job);
 // shape. `step` may be NULL; it receives the steps done when the preview was
 // taken, as the progress callback counts them.
 //
-// Threading: any thread, including from inside the progress callback (the
-// preview of that step is already there). Errors: SPO_ERR_NULL_ARGUMENT,
-// SPO_ERR_INVALID_ARGUMENT (no step has finished yet; `capacity` too small,
-// with both sizes in the message).
+// Ownership: borrows `job`; `data` (`capacity` floats), `shape` and `step` are the
+// caller's storage.
+// Threading: any thread, including from inside the progress callback (the preview of
+// that step is already there).
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (no step has finished yet;
+// `capacity` too small, with both sizes in the message), SPO_ERR_ORT (copying from the
+// device failed).
 struct spo_error *spo_job_preview(const struct spo_job *job,
                                   float *data,
                                   size_t capacity,
@@ -347,38 +415,57 @@ struct spo_error *spo_job_preview(const struct spo_job *job,
 
 // Takes the images of a finished job (once).
 //
-// Ownership: `*out` is new, freed with `spo_images_free`; written only on
-// success. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (not
-// finished, or already taken), SPO_ERR_BUSY.
+// Ownership: `*out` is new, freed with `spo_images_free`; written only on success.
+// Threading: not concurrently with other calls on this job (an overlapping call gets
+// SPO_ERR_BUSY).
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (not finished, or already
+// taken), SPO_ERR_BUSY.
 struct spo_error *spo_job_take_images(const struct spo_job *job, struct spo_images **out);
 
 // Frees a job (cancelling it if unfinished) and frees its pipeline's job
-// slot. NULL is a no-op. Threading: no other thread may use this handle.
+// slot. NULL is a no-op.
+//
+// Ownership: takes `job`; it must not be used afterwards. Images already taken stay
+// valid.
+// Threading: no other thread may use this handle during or after the call.
+// Errors: none (NULL is a no-op).
 void spo_job_free(struct spo_job *job);
 
-// Number of images; 0 for NULL. Threading: any thread.
+// Number of images; 0 for NULL.
+//
+// Ownership: borrows `images`.
+// Threading: any thread.
+// Errors: none (0 for NULL).
 size_t spo_images_count(const struct spo_images *images);
 
 // Fills `out` with a view of image `index`.
 //
-// Ownership: the pixels belong to `images`, valid until `spo_images_free`.
+// Ownership: borrows `images`; the pixels belong to it and are valid until
+// `spo_images_free`. `out` is the caller's storage, written only on success.
+// Threading: any thread.
 // Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (index out of range).
 struct spo_error *spo_images_get(const struct spo_images *images,
                                  size_t index,
                                  struct spo_image *out);
 
 // Frees images. NULL is a no-op.
+//
+// Ownership: takes `images`; every `spo_image` view of it becomes invalid.
+// Threading: no other thread may use this handle during or after the call.
+// Errors: none (NULL is a no-op).
 void spo_images_free(struct spo_images *images);
 
 // Loads a LoRA safetensors file: kohya/A1111 "webui" (both SDXL dialects),
 // diffusers/PEFT, LoCon, LoHa, LoKr, DoRA. The file must be a regular file
 // within the runtime's `limits.max_file_bytes`.
 //
-// Ownership: `*out` is freed with `spo_lora_free`; written only on success.
-// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
-// SPO_ERR_IO, SPO_ERR_INVALID_LORA (names the file, key and shape),
-// SPO_ERR_INVALID_FILE (not a regular file), SPO_ERR_INVALID_OPTION_VALUE
-// (over the size limit), SPO_ERR_OUT_OF_MEMORY.
+// Ownership: borrows the arguments; `*out` is freed with `spo_lora_free` and written
+// only on success.
+// Threading: any thread.
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_IO,
+// SPO_ERR_INVALID_LORA (names the file, key and shape), SPO_ERR_INVALID_FILE (not a
+// regular file), SPO_ERR_INVALID_OPTION_VALUE (over the size limit),
+// SPO_ERR_OUT_OF_MEMORY.
 struct spo_error *spo_lora_load(const struct spo_runtime *runtime,
                                 const char *path,
                                 struct spo_lora **out);
@@ -386,12 +473,19 @@ struct spo_error *spo_lora_load(const struct spo_runtime *runtime,
 // Answers a question about a LoRA as a new string. Keys: "path", "format",
 // "dialect", "modules" (count), "rank" and "alpha" (distinct values, comma-separated).
 //
-// Ownership: `*out` is freed with `spo_string_free`. Threading: any thread.
-// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT (unknown key).
+// Ownership: `*out` is freed with `spo_string_free`; written only on success.
+// Threading: any thread.
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT
+// (unknown key).
 struct spo_error *spo_lora_info(const struct spo_lora *lora, const char *key, char **out);
 
-// Frees a LoRA handle. NULL is a no-op. Pipelines it was applied to keep
-// what they need.
+// Frees a LoRA handle.
+//
+// Ownership: takes `lora`; it must not be used afterwards. Pipelines it was applied to
+// keep what they need.
+// Threading: no other thread may use this handle during or after the call; pipelines
+// using it are unaffected.
+// Errors: none (NULL is a no-op).
 void spo_lora_free(struct spo_lora *lora);
 
 // Applies `n` LoRAs with their multipliers to the pipeline, replacing the
@@ -400,12 +494,13 @@ void spo_lora_free(struct spo_lora *lora);
 // that matches nothing in the model is an error naming the file and key,
 // unless the pipeline was loaded with "lora.allow_partial"="true".
 //
-// Ownership: borrows the arrays and handles (`loras` and `multipliers` may be
-// NULL when `n` is 0). Threading: not while a job of this pipeline is active
-// (SPO_ERR_BUSY). Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (bad
-// mode or multiplier), SPO_ERR_INVALID_LORA, SPO_ERR_UNSUPPORTED (slots on a
-// graph without them), SPO_ERR_BUSY, SPO_ERR_ORT. On error the pipeline keeps
-// its previous LoRAs.
+// Ownership: borrows the arrays and handles (`loras` and `multipliers` may be NULL
+// when `n` is 0).
+// Threading: any thread, but not while a job of this pipeline is active
+// (SPO_ERR_BUSY).
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (bad mode or multiplier),
+// SPO_ERR_INVALID_LORA, SPO_ERR_UNSUPPORTED (slots on a graph without them),
+// SPO_ERR_BUSY, SPO_ERR_ORT. On error the pipeline keeps its previous LoRAs.
 struct spo_error *spo_pipeline_set_loras(const struct spo_pipeline *pipeline,
                                          const struct spo_lora *const *loras,
                                          const float *multipliers,
@@ -415,13 +510,16 @@ struct spo_error *spo_pipeline_set_loras(const struct spo_pipeline *pipeline,
 // Creates an empty options object.
 //
 // Ownership: on success `*out` is a new object; free it with `spo_options_free`.
-// `*out` is written only on success. Threading: any thread.
+// `*out` is written only on success.
+// Threading: any thread.
 // Errors: SPO_ERR_NULL_ARGUMENT.
 struct spo_error *spo_options_create(struct spo_options **out);
 
 // Sets `key` to `value` (both UTF-8). Unknown keys are refused at once.
 //
-// Runtime keys: "ep" (ordered list, default "cuda,cpu"), "ep.strict"
+// Runtime keys: "ep" (ordered list, default "cuda,cpu"; from the default, a
+// CUDA provider missing from the loaded ONNX Runtime build is skipped with an
+// info message, while a list naming it gets a warning), "ep.strict"
 // ("true" makes an unavailable provider an error instead of a logged fallback),
 // "ort.library_path", "log.level", "threads.intra" (0: one per core), and the
 // CUDA pass-through keys "cuda.device_id", "cuda.arena_extend_strategy",
@@ -437,17 +535,19 @@ struct spo_error *spo_options_create(struct spo_options **out);
 // 8 GiB; only regular files are read), "limits.max_threads" ("threads.intra",
 // default 4 per core, at most 4096).
 //
-// Ownership: copies both strings. Threading: not concurrently with other use
-// of the same object. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
-// SPO_ERR_UNKNOWN_OPTION (the message names the key). On error the object is unchanged.
+// Ownership: copies both strings.
+// Threading: not concurrently with other use of the same object.
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_UNKNOWN_OPTION (the
+// message names the key). On error the object is unchanged.
 struct spo_error *spo_options_set(struct spo_options *options, const char *key, const char *value);
 
 // Applies a JSON object as an overlay: nested objects flatten with dots
 // (`{"cuda":{"device_id":0}}`), arrays of scalars join with commas
 // (`{"ep":["cuda","cpu"]}`).
 //
-// Ownership: copies the string. Threading: as `spo_options_set`. Errors:
-// SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_OPTION_VALUE
+// Ownership: copies the string.
+// Threading: as `spo_options_set`.
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_OPTION_VALUE
 // (bad JSON), SPO_ERR_UNKNOWN_OPTION. On error nothing is applied.
 struct spo_error *spo_options_set_json(struct spo_options *options, const char *json);
 
@@ -455,9 +555,10 @@ struct spo_error *spo_options_set_json(struct spo_options *options, const char *
 // so messages from creation itself (such as a CUDA fallback) are delivered.
 // `callback` NULL removes it. `max_level` is a `spo_log_level`.
 //
-// Ownership: `user_data` stays the caller's; it must outlive every runtime
-// created from these options (or until `spo_runtime_set_log_callback` replaces it).
-// Threading: the callback may run on any thread that calls into the library.
+// Ownership: `user_data` stays the caller's; it must outlive every runtime created
+// from these options (or until `spo_runtime_set_log_callback` replaces it).
+// Threading: as `spo_options_set`; the callback may run on any thread that calls into
+// the library.
 // Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (bad level).
 struct spo_error *spo_options_set_log_callback(struct spo_options *options,
                                                spo_log_callback callback,
@@ -467,6 +568,8 @@ struct spo_error *spo_options_set_log_callback(struct spo_options *options,
 // Frees an options object. NULL is a no-op.
 //
 // Ownership: takes `options`. Objects created from it do not depend on it.
+// Threading: no other thread may use this handle during or after the call.
+// Errors: none (NULL is a no-op).
 void spo_options_free(struct spo_options *options);
 
 // Loads a diffusers/optimum ONNX model folder (`model_index.json`, `unet/`,
@@ -479,11 +582,11 @@ void spo_options_free(struct spo_options *options);
 // its config says force_upcast, as diffusers does; "always"; "never"). A VAE
 // output with inf/NaN fails the job with SPO_ERR_INVALID_MODEL.
 //
-// Ownership: borrows all arguments; `options` may be NULL. On success `*out`
-// is a new pipeline, freed with `spo_pipeline_free`; it keeps the runtime alive.
-// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
-// SPO_ERR_UNKNOWN_OPTION, SPO_ERR_INVALID_MODEL (names the file and tensor),
-// SPO_ERR_ORT.
+// Ownership: borrows all arguments; `options` may be NULL. On success `*out` is a new
+// pipeline, freed with `spo_pipeline_free`; it keeps the runtime alive.
+// Threading: any thread.
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_UNKNOWN_OPTION,
+// SPO_ERR_INVALID_MODEL (names the file and tensor), SPO_ERR_ORT.
 struct spo_error *spo_pipeline_load(const struct spo_runtime *runtime,
                                     const char *dir,
                                     const struct spo_options *options,
@@ -498,8 +601,9 @@ struct spo_error *spo_pipeline_load(const struct spo_runtime *runtime,
 // logged at info level when the pipeline loads).
 //
 // Ownership: `*out` is freed with `spo_string_free`; written only on success.
-// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
-// SPO_ERR_INVALID_ARGUMENT (unknown key; the message lists the known ones).
+// Threading: any thread.
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT
+// (unknown key; the message lists the known ones).
 struct spo_error *spo_pipeline_info(const struct spo_pipeline *pipeline,
                                     const char *key,
                                     char **out);
@@ -507,7 +611,9 @@ struct spo_error *spo_pipeline_info(const struct spo_pipeline *pipeline,
 // Frees a pipeline handle. NULL is a no-op. Jobs still alive keep the
 // pipeline's sessions alive until they are freed.
 //
-// Ownership: takes `pipeline`. Threading: no other thread may use this handle.
+// Ownership: takes `pipeline`; it must not be used afterwards.
+// Threading: no other thread may use this handle during or after the call.
+// Errors: none (NULL is a no-op).
 void spo_pipeline_free(struct spo_pipeline *pipeline);
 
 // Creates a runtime: loads ONNX Runtime (searching the `ort.library_path`
@@ -521,8 +627,8 @@ void spo_pipeline_free(struct spo_pipeline *pipeline);
 //
 // Ownership: borrows `options`; on success `*out` is a new runtime, freed with
 // `spo_runtime_free`. `*out` is written only on success.
-// Threading: any thread; ONNX Runtime is loaded once per process, so a second
-// runtime asking for a different library file is refused.
+// Threading: any thread; ONNX Runtime is loaded once per process, so a second runtime
+// asking for a different library file is refused.
 // Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_ABI_MISMATCH, SPO_ERR_UNKNOWN_OPTION,
 // SPO_ERR_INVALID_OPTION_VALUE (also "threads.intra" above
 // "limits.max_threads"), SPO_ERR_ORT_LOAD (the message lists every place
@@ -534,7 +640,9 @@ struct spo_error *spo_runtime_create(uint32_t abi_version,
 // Frees a runtime handle. NULL is a no-op. Pipelines created from it keep the
 // underlying runtime alive until they are freed.
 //
-// Ownership: takes `runtime`. Threading: no other thread may be using this handle.
+// Ownership: takes `runtime`; it must not be used afterwards.
+// Threading: no other thread may use this handle during or after the call.
+// Errors: none (NULL is a no-op).
 void spo_runtime_free(struct spo_runtime *runtime);
 
 // Answers a question about the runtime as a UTF-8 string. Keys: "version",
@@ -542,8 +650,9 @@ void spo_runtime_free(struct spo_runtime *runtime);
 // the loaded ONNX Runtime), "ep.requested", "ep.active" (providers really in use,
 // in order, e.g. "cpu" after a CUDA fallback).
 //
-// Ownership: on success `*out` is a new string, freed with `spo_string_free`;
-// written only on success. Threading: any thread.
+// Ownership: on success `*out` is a new string, freed with `spo_string_free`; written
+// only on success.
+// Threading: any thread.
 // Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT
 // (unknown key; the message lists the known keys).
 struct spo_error *spo_runtime_info(const struct spo_runtime *runtime, const char *key, char **out);
@@ -571,12 +680,12 @@ struct spo_error *spo_runtime_set_log_callback(const struct spo_runtime *runtime
 // "train.grad_clip" ("norm": clipping that clips; "official": the official
 // code's no-op), "train.seed", "train.init_std".
 //
-// Ownership: borrows the arguments; `*out` is freed with `spo_trainer_free`
-// and written only on success; the trainer keeps the pipeline alive.
-// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT,
-// SPO_ERR_UNKNOWN_OPTION / SPO_ERR_INVALID_OPTION_VALUE (naming the key),
-// SPO_ERR_INVALID_MODEL (a training folder that does not fit the pipeline's
-// UNet: the message names both sides), SPO_ERR_UNSUPPORTED, SPO_ERR_ORT.
+// Ownership: borrows the arguments; `*out` is freed with `spo_trainer_free` and
+// written only on success; the trainer keeps the pipeline alive.
+// Threading: any thread.
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_UNKNOWN_OPTION / SPO_ERR_INVALID_OPTION_VALUE
+// (naming the key), SPO_ERR_INVALID_MODEL (a training folder that does not fit the
+// pipeline's UNet: the message names both sides), SPO_ERR_UNSUPPORTED, SPO_ERR_ORT.
 struct spo_error *spo_trainer_create(const struct spo_pipeline *pipeline,
                                      const struct spo_options *options,
                                      struct spo_trainer **out);
@@ -587,7 +696,8 @@ struct spo_error *spo_trainer_create(const struct spo_pipeline *pipeline,
 // the round.
 //
 // Ownership: `user_data` stays the caller's and must outlive the trainer.
-// Threading: not during another call on this trainer (SPO_ERR_BUSY).
+// Threading: not during another call on this trainer (an overlapping call gets
+// SPO_ERR_BUSY); the callback runs on the thread running `spo_trainer_step`.
 // Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY.
 struct spo_error *spo_trainer_set_progress_callback(const struct spo_trainer *trainer,
                                                     spo_progress_callback callback,
@@ -597,13 +707,14 @@ struct spo_error *spo_trainer_set_progress_callback(const struct spo_trainer *tr
 // candidates, scored by the preference model), then trains on the pairs it
 // kept. `metrics` may be NULL; when given it is written on success.
 //
-// Ownership: borrows `prompts` (an array of `n` UTF-8 strings).
-// Threading: not concurrently with other calls on this trainer
-// (SPO_ERR_BUSY), nor while a job of the pipeline runs (SPO_ERR_BUSY);
-// `spo_trainer_cancel` from another thread stops it. Errors:
-// SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT,
-// SPO_ERR_CANCELLED, SPO_ERR_BUSY, SPO_ERR_ORT, SPO_ERR_INVALID_MODEL. On
-// any error the trainer is as it was before the call (no partial round).
+// Ownership: borrows `prompts` (an array of `n` UTF-8 strings); `metrics` is the
+// caller's storage.
+// Threading: not during another call on this trainer (an overlapping call gets
+// SPO_ERR_BUSY), nor while a job of the pipeline runs (SPO_ERR_BUSY);
+// `spo_trainer_cancel` from another thread stops it.
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT,
+// SPO_ERR_CANCELLED, SPO_ERR_BUSY, SPO_ERR_ORT, SPO_ERR_INVALID_MODEL. On any error
+// the trainer is as it was before the call (no partial round).
 struct spo_error *spo_trainer_step(const struct spo_trainer *trainer,
                                    const char *const *prompts,
                                    size_t n,
@@ -614,11 +725,11 @@ struct spo_error *spo_trainer_step(const struct spo_trainer *trainer,
 // (`n_prompts` strings) are encoded as the trainer's conditioning; each
 // pair names one by index. `metrics` may be NULL.
 //
-// Ownership: borrows every array. Threading: as `spo_trainer_step`.
-// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
-// SPO_ERR_INVALID_ARGUMENT (a prompt index or timestep outside the
-// trainer's schedule, named), SPO_ERR_BUSY, SPO_ERR_ORT. On error nothing
-// changes.
+// Ownership: borrows every array; `metrics` is the caller's storage.
+// Threading: as `spo_trainer_step`.
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT (a
+// prompt index or timestep outside the trainer's schedule, named), SPO_ERR_BUSY,
+// SPO_ERR_ORT. On error nothing changes.
 struct spo_error *spo_trainer_update(const struct spo_trainer *trainer,
                                      const char *const *prompts,
                                      size_t n_prompts,
@@ -629,7 +740,8 @@ struct spo_error *spo_trainer_update(const struct spo_trainer *trainer,
 // The shape of one latent of `spo_trainer_update`'s pairs: [1, C, h, w].
 //
 // Ownership: `shape` (4 values) is the caller's, written on success.
-// Threading: not during another call on this trainer (SPO_ERR_BUSY).
+// Threading: not during another call on this trainer (an overlapping call gets
+// SPO_ERR_BUSY).
 // Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY.
 struct spo_error *spo_trainer_latent_shape(const struct spo_trainer *trainer, uint32_t *shape);
 
@@ -637,16 +749,20 @@ struct spo_error *spo_trainer_latent_shape(const struct spo_trainer *trainer, ui
 // running ONNX Runtime call is terminated and the round ends with
 // SPO_ERR_CANCELLED, leaving the trainer as before it. NULL is a no-op.
 //
-// Threading: any thread. Ownership: borrows `trainer`.
+// Ownership: borrows `trainer`.
+// Threading: any thread, also while another thread runs a round.
+// Errors: none (NULL is a no-op); the cancelled round reports SPO_ERR_CANCELLED.
 void spo_trainer_cancel(const struct spo_trainer *trainer);
 
 // Writes the current LoRA to `path`, atomically. `format`: "webui" (kohya
 // names with SGM block numbers and alpha: what A1111 and ComfyUI load) or
 // "diffusers" (what `load_lora_weights` loads); NULL means "webui".
 //
-// Ownership: borrows the arguments. Threading: not during another call on
-// this trainer (SPO_ERR_BUSY). Errors: SPO_ERR_NULL_ARGUMENT,
-// SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT (unknown format), SPO_ERR_IO.
+// Ownership: borrows the arguments.
+// Threading: not during another call on this trainer (an overlapping call gets
+// SPO_ERR_BUSY).
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT
+// (unknown format), SPO_ERR_IO, SPO_ERR_BUSY.
 struct spo_error *spo_trainer_save_lora(const struct spo_trainer *trainer,
                                         const char *path,
                                         const char *format);
@@ -654,33 +770,40 @@ struct spo_error *spo_trainer_save_lora(const struct spo_trainer *trainer,
 // Writes a checkpoint (the LoRA, the optimizer state, the round and seed)
 // to `path` atomically: a crash mid-save leaves the previous file whole.
 //
-// Ownership: borrows the arguments. Threading: not during another call on
-// this trainer (SPO_ERR_BUSY). Errors: SPO_ERR_NULL_ARGUMENT,
-// SPO_ERR_INVALID_UTF8, SPO_ERR_IO.
+// Ownership: borrows the arguments.
+// Threading: not during another call on this trainer (an overlapping call gets
+// SPO_ERR_BUSY).
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_IO, SPO_ERR_BUSY.
 struct spo_error *spo_trainer_save_checkpoint(const struct spo_trainer *trainer, const char *path);
 
 // Restores a checkpoint of `spo_trainer_save_checkpoint`; training then
 // continues bit for bit as the saved run would have.
 //
-// Ownership: borrows the arguments. Threading: not during another call on
-// this trainer (SPO_ERR_BUSY). Errors: SPO_ERR_NULL_ARGUMENT,
-// SPO_ERR_INVALID_UTF8, SPO_ERR_IO, SPO_ERR_INVALID_FILE (not a checkpoint,
-// or one of other parameters: the key is named). On error nothing changes.
+// Ownership: borrows the arguments.
+// Threading: not during another call on this trainer (an overlapping call gets
+// SPO_ERR_BUSY).
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_IO,
+// SPO_ERR_INVALID_FILE (not a checkpoint, or one of other parameters: the key is
+// named), SPO_ERR_BUSY. On error nothing changes.
 struct spo_error *spo_trainer_load_checkpoint(const struct spo_trainer *trainer, const char *path);
 
 // Applies the current LoRA to `pipeline` from memory (no file): slots when
 // its UNet has them, merged otherwise. It replaces the pipeline's LoRAs.
 //
-// Ownership: borrows both handles. Threading: not during another call on
-// this trainer, nor while a job of `pipeline` runs (SPO_ERR_BUSY). Errors:
-// SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY, SPO_ERR_INVALID_LORA (the pipeline's
+// Ownership: borrows both handles.
+// Threading: not during another call on this trainer (an overlapping call gets
+// SPO_ERR_BUSY), nor while a job of `pipeline` runs (SPO_ERR_BUSY).
+// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY, SPO_ERR_INVALID_LORA (the pipeline's
 // UNet lacks a trained module), SPO_ERR_ORT.
 struct spo_error *spo_trainer_apply(const struct spo_trainer *trainer,
                                     const struct spo_pipeline *pipeline);
 
 // Frees a trainer. NULL is a no-op.
 //
-// Ownership: takes `trainer`. Threading: not while another call on it runs.
+// Ownership: takes `trainer`; it must not be used afterwards.
+// Threading: no other thread may use this handle during or after the call (not while
+// another call on it runs).
+// Errors: none (NULL is a no-op).
 void spo_trainer_free(struct spo_trainer *trainer);
 
 #ifdef __cplusplus

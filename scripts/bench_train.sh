@@ -33,7 +33,7 @@ trap 'rm -rf "$out"' EXIT
 # The prompts of the PyTorch side (spo_onnx/bench/train.py, PROMPTS).
 printf '%s\n' "a red apple" "a blue car" "a green field" "a yellow flower" >"$out/prompts.txt"
 
-/usr/bin/time -f "%M" -o "$out/ours.rss" target/release/spo train --ep cpu --threads "$threads" --preset toy --rounds "$rounds" \
+/usr/bin/time -f "%M" -o "$out/ours.rss" "${SPO_CLI:-target/release/spo}" train --ep cpu --threads "$threads" --preset toy --rounds "$rounds" \
   --model tests/fixtures/tiny-sdxl --train-dir tests/fixtures/train/tiny-sdxl/graphs \
   --spm tests/fixtures/preference/colour --prompts "$out/prompts.txt" --out "$out/lora.safetensors" \
   --metrics-log "$out/ours.jsonl" --set threshold=0 2>/dev/null >/dev/null

@@ -1,7 +1,7 @@
 //! spo-runtime: SDXL / SD 1.5 denoising on ONNX Runtime, runtime LoRA and SPO
 //! training, usable from Rust directly and from C through `src/ffi`.
 //!
-//! Layers (see the README's architecture section): `runtime` loads ONNX Runtime
+//! Layers (docs/architecture.md): `runtime` loads ONNX Runtime
 //! and builds sessions; `model`, `text`, `scheduler`, `pipeline`, `lora` and
 //! `train` build on it; `ffi` only converts arguments for the C ABI.
 

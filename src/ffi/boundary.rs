@@ -7,7 +7,11 @@ use std::ptr;
 
 use crate::error::{Error, ErrorCode, Result};
 
-/// An error object owned by the caller; free it with `spo_error_free`.
+/// An error object: what every fallible call returns instead of NULL.
+///
+/// Ownership: the caller owns it; free it once with `spo_error_free`.
+/// Threading: immutable: read it from any thread; free it from one.
+/// Errors: none; it is itself the error value every fallible call returns.
 pub struct spo_error {
     pub(crate) code: ErrorCode,
     pub(crate) message: CString,

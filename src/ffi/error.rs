@@ -79,7 +79,9 @@ impl From<ErrorCode> for spo_code {
 
 /// The code of an error. `SPO_OK` for NULL.
 ///
-/// Threading: any thread. Ownership: borrows `error`.
+/// Ownership: borrows `error`.
+/// Threading: any thread.
+/// Errors: none.
 #[no_mangle]
 pub extern "C" fn spo_error_code(error: *const spo_error) -> spo_code {
     call_or(spo_code::SPO_ERR_PANIC, || {
@@ -93,6 +95,7 @@ pub extern "C" fn spo_error_code(error: *const spo_error) -> spo_code {
 ///
 /// Ownership: the string belongs to `error` and is valid until `spo_error_free`.
 /// Threading: any thread.
+/// Errors: none.
 #[no_mangle]
 pub extern "C" fn spo_error_message(error: *const spo_error) -> *const c_char {
     call_or(c"".as_ptr(), || {
@@ -103,7 +106,9 @@ pub extern "C" fn spo_error_message(error: *const spo_error) -> *const c_char {
 
 /// Frees an error returned by any `spo_*` call. NULL is a no-op.
 ///
-/// Ownership: takes `error`; it must not be used afterwards. Threading: any thread.
+/// Ownership: takes `error`; it must not be used afterwards.
+/// Threading: any thread, once per error.
+/// Errors: none (NULL is a no-op).
 #[no_mangle]
 pub extern "C" fn spo_error_free(error: *mut spo_error) {
     call_or((), || free_handle(error))

@@ -15,8 +15,13 @@ use crate::options::Options;
 use crate::pipeline::job::CancelToken;
 use crate::pipeline::{Image, Job, JobSpec, PreviewSlot, Status};
 
-/// A generation job. `spo_job_cancel` may be called from any thread; the other
-/// calls on one job must not overlap (an overlapping call gets SPO_ERR_BUSY).
+/// A generation job: one request (prompt, size, steps, ...) on one pipeline.
+///
+/// Ownership: the caller owns it (from `spo_job_create`); free it with `spo_job_free`.
+/// It keeps its pipeline's sessions alive.
+/// Threading: `spo_job_cancel` and `spo_job_preview` may be called from any thread; the
+/// other calls on one job must not overlap (an overlapping call gets SPO_ERR_BUSY).
+/// Errors: see each function; a failed step leaves the job failed.
 pub struct spo_job {
     job: Mutex<Job>,
     cancel: Arc<CancelToken>,
@@ -39,7 +44,12 @@ pub struct spo_job_status {
     pub finished: i32,
 }
 
-/// Finished images, owned by the caller; free with `spo_images_free`.
+/// The finished RGB8 images of a job.
+///
+/// Ownership: the caller owns it (from `spo_job_take_images`); free it with
+/// `spo_images_free`, which invalidates every `spo_image` view of it.
+/// Threading: immutable: read it from any thread; free it when no thread reads it.
+/// Errors: see each function.
 pub struct spo_images {
     images: Vec<Image>,
 }
@@ -117,11 +127,12 @@ fn lock(job: &spo_job) -> Result<parking_lot::MutexGuard<'_, Job>> {
 /// A pipeline holds one active job: from creation until the job finishes,
 /// fails, is cancelled or is freed. Creating another meanwhile is SPO_ERR_BUSY.
 ///
-/// Ownership: borrows the arguments; `*out` is freed with `spo_job_free` and
-/// written only on success. Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT,
-/// SPO_ERR_UNKNOWN_OPTION, SPO_ERR_INVALID_OPTION_VALUE (names the key, or the
-/// limit exceeded), SPO_ERR_INVALID_ARGUMENT (init image of another size),
-/// SPO_ERR_INVALID_FILE, SPO_ERR_BUSY.
+/// Ownership: borrows the arguments; `*out` is freed with `spo_job_free` and written
+/// only on success.
+/// Threading: any thread.
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_UNKNOWN_OPTION, SPO_ERR_INVALID_OPTION_VALUE
+/// (names the key, or the limit exceeded), SPO_ERR_INVALID_ARGUMENT (init image of
+/// another size), SPO_ERR_INVALID_FILE, SPO_ERR_BUSY (the pipeline has an active job).
 #[no_mangle]
 pub extern "C" fn spo_job_create(
     pipeline: *const spo_pipeline,
@@ -150,6 +161,8 @@ pub extern "C" fn spo_job_create(
 /// that calls `spo_job_step`/`spo_job_run`; a nonzero return cancels the job.
 ///
 /// Ownership: `user_data` stays the caller's and must outlive the job.
+/// Threading: not concurrently with other calls on this job (an overlapping call gets
+/// SPO_ERR_BUSY); the callback runs on the thread that steps the job.
 /// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY (the job is running).
 #[no_mangle]
 pub extern "C" fn spo_job_set_progress_callback(
@@ -168,10 +181,13 @@ pub extern "C" fn spo_job_set_progress_callback(
 /// last also decodes the images), so a host can spread a job over frames.
 ///
 /// `status` may be NULL; when given it is written on success.
-/// Threading: not concurrently with other calls on this job (SPO_ERR_BUSY).
+///
+/// Ownership: borrows `job`; `status` is the caller's storage.
+/// Threading: not concurrently with other calls on this job (an overlapping call gets
+/// SPO_ERR_BUSY).
 /// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_CANCELLED, SPO_ERR_BUSY, SPO_ERR_ORT,
-/// SPO_ERR_INVALID_MODEL. After an error the job stays failed and the pipeline
-/// is free for a new job.
+/// SPO_ERR_INVALID_MODEL. After an error the job stays failed and the pipeline is free
+/// for a new job.
 #[no_mangle]
 pub extern "C" fn spo_job_step(job: *const spo_job, status: *mut spo_job_status) -> *mut spo_error {
     call(|| {
@@ -201,8 +217,9 @@ pub extern "C" fn spo_job_step(job: *const spo_job, status: *mut spo_job_status)
 
 /// Runs the job to the end.
 ///
-/// Threading: not concurrently with other calls on this job (SPO_ERR_BUSY);
-/// `spo_job_cancel` from another thread stops it with SPO_ERR_CANCELLED.
+/// Ownership: borrows `job`.
+/// Threading: not concurrently with other calls on this job (an overlapping call gets
+/// SPO_ERR_BUSY); `spo_job_cancel` from another thread stops it with SPO_ERR_CANCELLED.
 /// Errors: as `spo_job_step`.
 #[no_mangle]
 pub extern "C" fn spo_job_run(job: *const spo_job) -> *mut spo_error {
@@ -212,6 +229,11 @@ pub extern "C" fn spo_job_run(job: *const spo_job) -> *mut spo_error {
 /// Requests cancellation. Safe from any thread, also while `spo_job_run` runs
 /// elsewhere: the running ONNX Runtime call is terminated and the job ends with
 /// SPO_ERR_CANCELLED. NULL is a no-op.
+///
+/// Ownership: borrows `job`.
+/// Threading: any thread, also while another thread runs the job.
+/// Errors: none (NULL is a no-op); the cancelled job's own call reports
+/// SPO_ERR_CANCELLED.
 #[no_mangle]
 pub extern "C" fn spo_job_cancel(job: *const spo_job) {
     call_or((), || {
@@ -232,10 +254,13 @@ pub extern "C" fn spo_job_cancel(job: *const spo_job) {
 /// shape. `step` may be NULL; it receives the steps done when the preview was
 /// taken, as the progress callback counts them.
 ///
-/// Threading: any thread, including from inside the progress callback (the
-/// preview of that step is already there). Errors: SPO_ERR_NULL_ARGUMENT,
-/// SPO_ERR_INVALID_ARGUMENT (no step has finished yet; `capacity` too small,
-/// with both sizes in the message).
+/// Ownership: borrows `job`; `data` (`capacity` floats), `shape` and `step` are the
+/// caller's storage.
+/// Threading: any thread, including from inside the progress callback (the preview of
+/// that step is already there).
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (no step has finished yet;
+/// `capacity` too small, with both sizes in the message), SPO_ERR_ORT (copying from the
+/// device failed).
 #[no_mangle]
 pub extern "C" fn spo_job_preview(
     job: *const spo_job,
@@ -277,9 +302,11 @@ pub extern "C" fn spo_job_preview(
 
 /// Takes the images of a finished job (once).
 ///
-/// Ownership: `*out` is new, freed with `spo_images_free`; written only on
-/// success. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (not
-/// finished, or already taken), SPO_ERR_BUSY.
+/// Ownership: `*out` is new, freed with `spo_images_free`; written only on success.
+/// Threading: not concurrently with other calls on this job (an overlapping call gets
+/// SPO_ERR_BUSY).
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (not finished, or already
+/// taken), SPO_ERR_BUSY.
 #[no_mangle]
 pub extern "C" fn spo_job_take_images(
     job: *const spo_job,
@@ -294,13 +321,22 @@ pub extern "C" fn spo_job_take_images(
 }
 
 /// Frees a job (cancelling it if unfinished) and frees its pipeline's job
-/// slot. NULL is a no-op. Threading: no other thread may use this handle.
+/// slot. NULL is a no-op.
+///
+/// Ownership: takes `job`; it must not be used afterwards. Images already taken stay
+/// valid.
+/// Threading: no other thread may use this handle during or after the call.
+/// Errors: none (NULL is a no-op).
 #[no_mangle]
 pub extern "C" fn spo_job_free(job: *mut spo_job) {
     call_or((), || free_handle(job))
 }
 
-/// Number of images; 0 for NULL. Threading: any thread.
+/// Number of images; 0 for NULL.
+///
+/// Ownership: borrows `images`.
+/// Threading: any thread.
+/// Errors: none (0 for NULL).
 #[no_mangle]
 pub extern "C" fn spo_images_count(images: *const spo_images) -> usize {
     // SAFETY: NULL or a live handle.
@@ -311,7 +347,9 @@ pub extern "C" fn spo_images_count(images: *const spo_images) -> usize {
 
 /// Fills `out` with a view of image `index`.
 ///
-/// Ownership: the pixels belong to `images`, valid until `spo_images_free`.
+/// Ownership: borrows `images`; the pixels belong to it and are valid until
+/// `spo_images_free`. `out` is the caller's storage, written only on success.
+/// Threading: any thread.
 /// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (index out of range).
 #[no_mangle]
 pub extern "C" fn spo_images_get(
@@ -339,6 +377,10 @@ pub extern "C" fn spo_images_get(
 }
 
 /// Frees images. NULL is a no-op.
+///
+/// Ownership: takes `images`; every `spo_image` view of it becomes invalid.
+/// Threading: no other thread may use this handle during or after the call.
+/// Errors: none (NULL is a no-op).
 #[no_mangle]
 pub extern "C" fn spo_images_free(images: *mut spo_images) {
     call_or((), || free_handle(images))

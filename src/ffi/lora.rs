@@ -11,7 +11,12 @@ use super::runtime::spo_runtime;
 use crate::error::{Error, ErrorCode};
 use crate::pipeline::{Lora, LoraMode};
 
-/// A loaded LoRA file. Immutable: share it between pipelines and threads.
+/// A loaded LoRA file, not yet tied to any pipeline.
+///
+/// Ownership: the caller owns it (from `spo_lora_load`); free it with `spo_lora_free`.
+/// Pipelines keep what they need of it.
+/// Threading: immutable: share it between pipelines and threads.
+/// Errors: see each function.
 pub struct spo_lora {
     lora: Lora,
 }
@@ -32,11 +37,13 @@ pub enum spo_lora_mode {
 /// diffusers/PEFT, LoCon, LoHa, LoKr, DoRA. The file must be a regular file
 /// within the runtime's `limits.max_file_bytes`.
 ///
-/// Ownership: `*out` is freed with `spo_lora_free`; written only on success.
-/// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
-/// SPO_ERR_IO, SPO_ERR_INVALID_LORA (names the file, key and shape),
-/// SPO_ERR_INVALID_FILE (not a regular file), SPO_ERR_INVALID_OPTION_VALUE
-/// (over the size limit), SPO_ERR_OUT_OF_MEMORY.
+/// Ownership: borrows the arguments; `*out` is freed with `spo_lora_free` and written
+/// only on success.
+/// Threading: any thread.
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_IO,
+/// SPO_ERR_INVALID_LORA (names the file, key and shape), SPO_ERR_INVALID_FILE (not a
+/// regular file), SPO_ERR_INVALID_OPTION_VALUE (over the size limit),
+/// SPO_ERR_OUT_OF_MEMORY.
 #[no_mangle]
 pub extern "C" fn spo_lora_load(
     runtime: *const spo_runtime,
@@ -56,8 +63,10 @@ pub extern "C" fn spo_lora_load(
 /// Answers a question about a LoRA as a new string. Keys: "path", "format",
 /// "dialect", "modules" (count), "rank" and "alpha" (distinct values, comma-separated).
 ///
-/// Ownership: `*out` is freed with `spo_string_free`. Threading: any thread.
-/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT (unknown key).
+/// Ownership: `*out` is freed with `spo_string_free`; written only on success.
+/// Threading: any thread.
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT
+/// (unknown key).
 #[no_mangle]
 pub extern "C" fn spo_lora_info(
     lora: *const spo_lora,
@@ -79,8 +88,13 @@ pub extern "C" fn spo_lora_info(
     })
 }
 
-/// Frees a LoRA handle. NULL is a no-op. Pipelines it was applied to keep
-/// what they need.
+/// Frees a LoRA handle.
+///
+/// Ownership: takes `lora`; it must not be used afterwards. Pipelines it was applied to
+/// keep what they need.
+/// Threading: no other thread may use this handle during or after the call; pipelines
+/// using it are unaffected.
+/// Errors: none (NULL is a no-op).
 #[no_mangle]
 pub extern "C" fn spo_lora_free(lora: *mut spo_lora) {
     call_or((), || free_handle(lora))
@@ -92,12 +106,13 @@ pub extern "C" fn spo_lora_free(lora: *mut spo_lora) {
 /// that matches nothing in the model is an error naming the file and key,
 /// unless the pipeline was loaded with "lora.allow_partial"="true".
 ///
-/// Ownership: borrows the arrays and handles (`loras` and `multipliers` may be
-/// NULL when `n` is 0). Threading: not while a job of this pipeline is active
-/// (SPO_ERR_BUSY). Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (bad
-/// mode or multiplier), SPO_ERR_INVALID_LORA, SPO_ERR_UNSUPPORTED (slots on a
-/// graph without them), SPO_ERR_BUSY, SPO_ERR_ORT. On error the pipeline keeps
-/// its previous LoRAs.
+/// Ownership: borrows the arrays and handles (`loras` and `multipliers` may be NULL
+/// when `n` is 0).
+/// Threading: any thread, but not while a job of this pipeline is active
+/// (SPO_ERR_BUSY).
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (bad mode or multiplier),
+/// SPO_ERR_INVALID_LORA, SPO_ERR_UNSUPPORTED (slots on a graph without them),
+/// SPO_ERR_BUSY, SPO_ERR_ORT. On error the pipeline keeps its previous LoRAs.
 #[no_mangle]
 pub extern "C" fn spo_pipeline_set_loras(
     pipeline: *const spo_pipeline,

@@ -23,7 +23,9 @@ pub const SPO_ABI_VERSION: u32 = 1;
 
 /// The library version ("MAJOR.MINOR.PATCH"), a static string never freed.
 ///
+/// Ownership: the string is static; never free it.
 /// Threading: any thread.
+/// Errors: none.
 #[no_mangle]
 pub extern "C" fn spo_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
@@ -31,7 +33,9 @@ pub extern "C" fn spo_version() -> *const c_char {
 
 /// The ABI version the library implements; compare with `SPO_ABI_VERSION`.
 ///
+/// Ownership: nothing to free.
 /// Threading: any thread.
+/// Errors: none.
 #[no_mangle]
 pub extern "C" fn spo_abi_version() -> u32 {
     crate::runtime::ABI_VERSION
@@ -39,7 +43,10 @@ pub extern "C" fn spo_abi_version() -> u32 {
 
 /// Frees a string returned by the library. NULL is a no-op.
 ///
-/// Ownership: takes `s`, which must come from a `spo_*` call that says so.
+/// Ownership: takes `s`, which must come from a `spo_*` call that says so; it must not
+/// be used afterwards.
+/// Threading: any thread, once per string.
+/// Errors: none (NULL is a no-op).
 #[no_mangle]
 pub extern "C" fn spo_string_free(s: *mut c_char) {
     boundary::call_or((), || {

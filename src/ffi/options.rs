@@ -28,7 +28,13 @@ pub enum spo_log_level {
     SPO_LOG_DEBUG = 4,
 }
 
-/// A settings object owned by the caller.
+/// A settings object: string keys and values for a runtime, pipeline, job or trainer.
+///
+/// Ownership: the caller owns it (from `spo_options_create`); free it with
+/// `spo_options_free`. Objects created from it copy what they need.
+/// Threading: a call that changes it must not overlap any other use of it; several
+/// threads may create objects from it at once.
+/// Errors: see each function; a refused setting leaves the object unchanged.
 #[derive(Default)]
 pub struct spo_options {
     pub(crate) options: Options,
@@ -61,7 +67,8 @@ pub(crate) fn log_sink(
 /// Creates an empty options object.
 ///
 /// Ownership: on success `*out` is a new object; free it with `spo_options_free`.
-/// `*out` is written only on success. Threading: any thread.
+/// `*out` is written only on success.
+/// Threading: any thread.
 /// Errors: SPO_ERR_NULL_ARGUMENT.
 #[no_mangle]
 pub extern "C" fn spo_options_create(out: *mut *mut spo_options) -> *mut spo_error {
@@ -74,7 +81,9 @@ pub extern "C" fn spo_options_create(out: *mut *mut spo_options) -> *mut spo_err
 
 /// Sets `key` to `value` (both UTF-8). Unknown keys are refused at once.
 ///
-/// Runtime keys: "ep" (ordered list, default "cuda,cpu"), "ep.strict"
+/// Runtime keys: "ep" (ordered list, default "cuda,cpu"; from the default, a
+/// CUDA provider missing from the loaded ONNX Runtime build is skipped with an
+/// info message, while a list naming it gets a warning), "ep.strict"
 /// ("true" makes an unavailable provider an error instead of a logged fallback),
 /// "ort.library_path", "log.level", "threads.intra" (0: one per core), and the
 /// CUDA pass-through keys "cuda.device_id", "cuda.arena_extend_strategy",
@@ -90,9 +99,10 @@ pub extern "C" fn spo_options_create(out: *mut *mut spo_options) -> *mut spo_err
 /// 8 GiB; only regular files are read), "limits.max_threads" ("threads.intra",
 /// default 4 per core, at most 4096).
 ///
-/// Ownership: copies both strings. Threading: not concurrently with other use
-/// of the same object. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
-/// SPO_ERR_UNKNOWN_OPTION (the message names the key). On error the object is unchanged.
+/// Ownership: copies both strings.
+/// Threading: not concurrently with other use of the same object.
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_UNKNOWN_OPTION (the
+/// message names the key). On error the object is unchanged.
 #[no_mangle]
 pub extern "C" fn spo_options_set(
     options: *mut spo_options,
@@ -111,8 +121,9 @@ pub extern "C" fn spo_options_set(
 /// (`{"cuda":{"device_id":0}}`), arrays of scalars join with commas
 /// (`{"ep":["cuda","cpu"]}`).
 ///
-/// Ownership: copies the string. Threading: as `spo_options_set`. Errors:
-/// SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_OPTION_VALUE
+/// Ownership: copies the string.
+/// Threading: as `spo_options_set`.
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_OPTION_VALUE
 /// (bad JSON), SPO_ERR_UNKNOWN_OPTION. On error nothing is applied.
 #[no_mangle]
 pub extern "C" fn spo_options_set_json(
@@ -130,9 +141,10 @@ pub extern "C" fn spo_options_set_json(
 /// so messages from creation itself (such as a CUDA fallback) are delivered.
 /// `callback` NULL removes it. `max_level` is a `spo_log_level`.
 ///
-/// Ownership: `user_data` stays the caller's; it must outlive every runtime
-/// created from these options (or until `spo_runtime_set_log_callback` replaces it).
-/// Threading: the callback may run on any thread that calls into the library.
+/// Ownership: `user_data` stays the caller's; it must outlive every runtime created
+/// from these options (or until `spo_runtime_set_log_callback` replaces it).
+/// Threading: as `spo_options_set`; the callback may run on any thread that calls into
+/// the library.
 /// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_ARGUMENT (bad level).
 #[no_mangle]
 pub extern "C" fn spo_options_set_log_callback(
@@ -151,6 +163,8 @@ pub extern "C" fn spo_options_set_log_callback(
 /// Frees an options object. NULL is a no-op.
 ///
 /// Ownership: takes `options`. Objects created from it do not depend on it.
+/// Threading: no other thread may use this handle during or after the call.
+/// Errors: none (NULL is a no-op).
 #[no_mangle]
 pub extern "C" fn spo_options_free(options: *mut spo_options) {
     call_or((), || free_handle(options))

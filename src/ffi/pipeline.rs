@@ -12,7 +12,13 @@ use crate::error::Error;
 use crate::options::Options;
 use crate::pipeline::Pipeline;
 
-/// A loaded pipeline. Shareable between threads; it runs one job at a time.
+/// A loaded model folder with its ONNX Runtime sessions.
+///
+/// Ownership: the caller owns it (from `spo_pipeline_load`); free it with
+/// `spo_pipeline_free`. It keeps its runtime alive.
+/// Threading: shareable between threads; it runs one job at a time (a second job or a
+/// LoRA change while one is active gets SPO_ERR_BUSY).
+/// Errors: see each function.
 pub struct spo_pipeline {
     pub(crate) pipeline: Pipeline,
 }
@@ -27,11 +33,11 @@ pub struct spo_pipeline {
 /// its config says force_upcast, as diffusers does; "always"; "never"). A VAE
 /// output with inf/NaN fails the job with SPO_ERR_INVALID_MODEL.
 ///
-/// Ownership: borrows all arguments; `options` may be NULL. On success `*out`
-/// is a new pipeline, freed with `spo_pipeline_free`; it keeps the runtime alive.
-/// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
-/// SPO_ERR_UNKNOWN_OPTION, SPO_ERR_INVALID_MODEL (names the file and tensor),
-/// SPO_ERR_ORT.
+/// Ownership: borrows all arguments; `options` may be NULL. On success `*out` is a new
+/// pipeline, freed with `spo_pipeline_free`; it keeps the runtime alive.
+/// Threading: any thread.
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_UNKNOWN_OPTION,
+/// SPO_ERR_INVALID_MODEL (names the file and tensor), SPO_ERR_ORT.
 #[no_mangle]
 pub extern "C" fn spo_pipeline_load(
     runtime: *const spo_runtime,
@@ -61,8 +67,9 @@ pub extern "C" fn spo_pipeline_load(
 /// logged at info level when the pipeline loads).
 ///
 /// Ownership: `*out` is freed with `spo_string_free`; written only on success.
-/// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
-/// SPO_ERR_INVALID_ARGUMENT (unknown key; the message lists the known ones).
+/// Threading: any thread.
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT
+/// (unknown key; the message lists the known ones).
 #[no_mangle]
 pub extern "C" fn spo_pipeline_info(
     pipeline: *const spo_pipeline,
@@ -87,7 +94,9 @@ pub extern "C" fn spo_pipeline_info(
 /// Frees a pipeline handle. NULL is a no-op. Jobs still alive keep the
 /// pipeline's sessions alive until they are freed.
 ///
-/// Ownership: takes `pipeline`. Threading: no other thread may use this handle.
+/// Ownership: takes `pipeline`; it must not be used afterwards.
+/// Threading: no other thread may use this handle during or after the call.
+/// Errors: none (NULL is a no-op).
 #[no_mangle]
 pub extern "C" fn spo_pipeline_free(pipeline: *mut spo_pipeline) {
     call_or((), || free_handle(pipeline))

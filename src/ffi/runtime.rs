@@ -9,7 +9,12 @@ use super::options::{log_sink, spo_log_callback, spo_options};
 use crate::error::Error;
 use crate::runtime::{Logger, Runtime};
 
-/// A runtime, shareable by any number of threads.
+/// A runtime: the loaded ONNX Runtime and the execution providers in use.
+///
+/// Ownership: the caller owns it (from `spo_runtime_create`); free it with
+/// `spo_runtime_free`. Pipelines created from it keep it alive.
+/// Threading: shareable by any number of threads.
+/// Errors: see each function.
 pub struct spo_runtime {
     pub(crate) runtime: Runtime,
 }
@@ -25,8 +30,8 @@ pub struct spo_runtime {
 ///
 /// Ownership: borrows `options`; on success `*out` is a new runtime, freed with
 /// `spo_runtime_free`. `*out` is written only on success.
-/// Threading: any thread; ONNX Runtime is loaded once per process, so a second
-/// runtime asking for a different library file is refused.
+/// Threading: any thread; ONNX Runtime is loaded once per process, so a second runtime
+/// asking for a different library file is refused.
 /// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_ABI_MISMATCH, SPO_ERR_UNKNOWN_OPTION,
 /// SPO_ERR_INVALID_OPTION_VALUE (also "threads.intra" above
 /// "limits.max_threads"), SPO_ERR_ORT_LOAD (the message lists every place
@@ -56,7 +61,9 @@ pub extern "C" fn spo_runtime_create(
 /// Frees a runtime handle. NULL is a no-op. Pipelines created from it keep the
 /// underlying runtime alive until they are freed.
 ///
-/// Ownership: takes `runtime`. Threading: no other thread may be using this handle.
+/// Ownership: takes `runtime`; it must not be used afterwards.
+/// Threading: no other thread may use this handle during or after the call.
+/// Errors: none (NULL is a no-op).
 #[no_mangle]
 pub extern "C" fn spo_runtime_free(runtime: *mut spo_runtime) {
     call_or((), || free_handle(runtime))
@@ -67,8 +74,9 @@ pub extern "C" fn spo_runtime_free(runtime: *mut spo_runtime) {
 /// the loaded ONNX Runtime), "ep.requested", "ep.active" (providers really in use,
 /// in order, e.g. "cpu" after a CUDA fallback).
 ///
-/// Ownership: on success `*out` is a new string, freed with `spo_string_free`;
-/// written only on success. Threading: any thread.
+/// Ownership: on success `*out` is a new string, freed with `spo_string_free`; written
+/// only on success.
+/// Threading: any thread.
 /// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT
 /// (unknown key; the message lists the known keys).
 #[no_mangle]

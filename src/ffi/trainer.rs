@@ -20,8 +20,13 @@ use crate::pipeline::job::CancelToken;
 use crate::train::sampler::Pair;
 use crate::train::{checkpoint, RoundMetrics, Trainer, TrainerSpec};
 
-/// A trainer. `spo_trainer_cancel` may be called from any thread; the other
-/// calls on one trainer must not overlap (an overlapping call gets SPO_ERR_BUSY).
+/// An SPO trainer: a LoRA trained on one pipeline's UNet, with its optimizer state.
+///
+/// Ownership: the caller owns it (from `spo_trainer_create`); free it with
+/// `spo_trainer_free`. It keeps its pipeline alive.
+/// Threading: `spo_trainer_cancel` may be called from any thread; the other calls on
+/// one trainer must not overlap (an overlapping call gets SPO_ERR_BUSY).
+/// Errors: see each function; a failed call leaves the trainer as it was.
 pub struct spo_trainer {
     trainer: Mutex<Trainer>,
     cancel: Arc<CancelToken>,
@@ -142,12 +147,12 @@ fn write_metrics(out: *mut spo_train_metrics, m: &RoundMetrics) {
 /// "train.grad_clip" ("norm": clipping that clips; "official": the official
 /// code's no-op), "train.seed", "train.init_std".
 ///
-/// Ownership: borrows the arguments; `*out` is freed with `spo_trainer_free`
-/// and written only on success; the trainer keeps the pipeline alive.
-/// Threading: any thread. Errors: SPO_ERR_NULL_ARGUMENT,
-/// SPO_ERR_UNKNOWN_OPTION / SPO_ERR_INVALID_OPTION_VALUE (naming the key),
-/// SPO_ERR_INVALID_MODEL (a training folder that does not fit the pipeline's
-/// UNet: the message names both sides), SPO_ERR_UNSUPPORTED, SPO_ERR_ORT.
+/// Ownership: borrows the arguments; `*out` is freed with `spo_trainer_free` and
+/// written only on success; the trainer keeps the pipeline alive.
+/// Threading: any thread.
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_UNKNOWN_OPTION / SPO_ERR_INVALID_OPTION_VALUE
+/// (naming the key), SPO_ERR_INVALID_MODEL (a training folder that does not fit the
+/// pipeline's UNet: the message names both sides), SPO_ERR_UNSUPPORTED, SPO_ERR_ORT.
 #[no_mangle]
 pub extern "C" fn spo_trainer_create(
     pipeline: *const spo_pipeline,
@@ -176,7 +181,8 @@ pub extern "C" fn spo_trainer_create(
 /// the round.
 ///
 /// Ownership: `user_data` stays the caller's and must outlive the trainer.
-/// Threading: not during another call on this trainer (SPO_ERR_BUSY).
+/// Threading: not during another call on this trainer (an overlapping call gets
+/// SPO_ERR_BUSY); the callback runs on the thread running `spo_trainer_step`.
 /// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY.
 #[no_mangle]
 pub extern "C" fn spo_trainer_set_progress_callback(
@@ -195,13 +201,14 @@ pub extern "C" fn spo_trainer_set_progress_callback(
 /// candidates, scored by the preference model), then trains on the pairs it
 /// kept. `metrics` may be NULL; when given it is written on success.
 ///
-/// Ownership: borrows `prompts` (an array of `n` UTF-8 strings).
-/// Threading: not concurrently with other calls on this trainer
-/// (SPO_ERR_BUSY), nor while a job of the pipeline runs (SPO_ERR_BUSY);
-/// `spo_trainer_cancel` from another thread stops it. Errors:
-/// SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT,
-/// SPO_ERR_CANCELLED, SPO_ERR_BUSY, SPO_ERR_ORT, SPO_ERR_INVALID_MODEL. On
-/// any error the trainer is as it was before the call (no partial round).
+/// Ownership: borrows `prompts` (an array of `n` UTF-8 strings); `metrics` is the
+/// caller's storage.
+/// Threading: not during another call on this trainer (an overlapping call gets
+/// SPO_ERR_BUSY), nor while a job of the pipeline runs (SPO_ERR_BUSY);
+/// `spo_trainer_cancel` from another thread stops it.
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT,
+/// SPO_ERR_CANCELLED, SPO_ERR_BUSY, SPO_ERR_ORT, SPO_ERR_INVALID_MODEL. On any error
+/// the trainer is as it was before the call (no partial round).
 #[no_mangle]
 pub extern "C" fn spo_trainer_step(
     trainer: *const spo_trainer,
@@ -223,11 +230,11 @@ pub extern "C" fn spo_trainer_step(
 /// (`n_prompts` strings) are encoded as the trainer's conditioning; each
 /// pair names one by index. `metrics` may be NULL.
 ///
-/// Ownership: borrows every array. Threading: as `spo_trainer_step`.
-/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8,
-/// SPO_ERR_INVALID_ARGUMENT (a prompt index or timestep outside the
-/// trainer's schedule, named), SPO_ERR_BUSY, SPO_ERR_ORT. On error nothing
-/// changes.
+/// Ownership: borrows every array; `metrics` is the caller's storage.
+/// Threading: as `spo_trainer_step`.
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT (a
+/// prompt index or timestep outside the trainer's schedule, named), SPO_ERR_BUSY,
+/// SPO_ERR_ORT. On error nothing changes.
 #[no_mangle]
 pub extern "C" fn spo_trainer_update(
     trainer: *const spo_trainer,
@@ -285,7 +292,8 @@ pub extern "C" fn spo_trainer_update(
 /// The shape of one latent of `spo_trainer_update`'s pairs: [1, C, h, w].
 ///
 /// Ownership: `shape` (4 values) is the caller's, written on success.
-/// Threading: not during another call on this trainer (SPO_ERR_BUSY).
+/// Threading: not during another call on this trainer (an overlapping call gets
+/// SPO_ERR_BUSY).
 /// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY.
 #[no_mangle]
 pub extern "C" fn spo_trainer_latent_shape(
@@ -307,7 +315,9 @@ pub extern "C" fn spo_trainer_latent_shape(
 /// running ONNX Runtime call is terminated and the round ends with
 /// SPO_ERR_CANCELLED, leaving the trainer as before it. NULL is a no-op.
 ///
-/// Threading: any thread. Ownership: borrows `trainer`.
+/// Ownership: borrows `trainer`.
+/// Threading: any thread, also while another thread runs a round.
+/// Errors: none (NULL is a no-op); the cancelled round reports SPO_ERR_CANCELLED.
 #[no_mangle]
 pub extern "C" fn spo_trainer_cancel(trainer: *const spo_trainer) {
     call_or((), || {
@@ -322,9 +332,11 @@ pub extern "C" fn spo_trainer_cancel(trainer: *const spo_trainer) {
 /// names with SGM block numbers and alpha: what A1111 and ComfyUI load) or
 /// "diffusers" (what `load_lora_weights` loads); NULL means "webui".
 ///
-/// Ownership: borrows the arguments. Threading: not during another call on
-/// this trainer (SPO_ERR_BUSY). Errors: SPO_ERR_NULL_ARGUMENT,
-/// SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT (unknown format), SPO_ERR_IO.
+/// Ownership: borrows the arguments.
+/// Threading: not during another call on this trainer (an overlapping call gets
+/// SPO_ERR_BUSY).
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_INVALID_ARGUMENT
+/// (unknown format), SPO_ERR_IO, SPO_ERR_BUSY.
 #[no_mangle]
 pub extern "C" fn spo_trainer_save_lora(
     trainer: *const spo_trainer,
@@ -349,9 +361,10 @@ pub extern "C" fn spo_trainer_save_lora(
 /// Writes a checkpoint (the LoRA, the optimizer state, the round and seed)
 /// to `path` atomically: a crash mid-save leaves the previous file whole.
 ///
-/// Ownership: borrows the arguments. Threading: not during another call on
-/// this trainer (SPO_ERR_BUSY). Errors: SPO_ERR_NULL_ARGUMENT,
-/// SPO_ERR_INVALID_UTF8, SPO_ERR_IO.
+/// Ownership: borrows the arguments.
+/// Threading: not during another call on this trainer (an overlapping call gets
+/// SPO_ERR_BUSY).
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_IO, SPO_ERR_BUSY.
 #[no_mangle]
 pub extern "C" fn spo_trainer_save_checkpoint(
     trainer: *const spo_trainer,
@@ -366,10 +379,12 @@ pub extern "C" fn spo_trainer_save_checkpoint(
 /// Restores a checkpoint of `spo_trainer_save_checkpoint`; training then
 /// continues bit for bit as the saved run would have.
 ///
-/// Ownership: borrows the arguments. Threading: not during another call on
-/// this trainer (SPO_ERR_BUSY). Errors: SPO_ERR_NULL_ARGUMENT,
-/// SPO_ERR_INVALID_UTF8, SPO_ERR_IO, SPO_ERR_INVALID_FILE (not a checkpoint,
-/// or one of other parameters: the key is named). On error nothing changes.
+/// Ownership: borrows the arguments.
+/// Threading: not during another call on this trainer (an overlapping call gets
+/// SPO_ERR_BUSY).
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_INVALID_UTF8, SPO_ERR_IO,
+/// SPO_ERR_INVALID_FILE (not a checkpoint, or one of other parameters: the key is
+/// named), SPO_ERR_BUSY. On error nothing changes.
 #[no_mangle]
 pub extern "C" fn spo_trainer_load_checkpoint(
     trainer: *const spo_trainer,
@@ -384,9 +399,10 @@ pub extern "C" fn spo_trainer_load_checkpoint(
 /// Applies the current LoRA to `pipeline` from memory (no file): slots when
 /// its UNet has them, merged otherwise. It replaces the pipeline's LoRAs.
 ///
-/// Ownership: borrows both handles. Threading: not during another call on
-/// this trainer, nor while a job of `pipeline` runs (SPO_ERR_BUSY). Errors:
-/// SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY, SPO_ERR_INVALID_LORA (the pipeline's
+/// Ownership: borrows both handles.
+/// Threading: not during another call on this trainer (an overlapping call gets
+/// SPO_ERR_BUSY), nor while a job of `pipeline` runs (SPO_ERR_BUSY).
+/// Errors: SPO_ERR_NULL_ARGUMENT, SPO_ERR_BUSY, SPO_ERR_INVALID_LORA (the pipeline's
 /// UNet lacks a trained module), SPO_ERR_ORT.
 #[no_mangle]
 pub extern "C" fn spo_trainer_apply(
@@ -401,7 +417,10 @@ pub extern "C" fn spo_trainer_apply(
 
 /// Frees a trainer. NULL is a no-op.
 ///
-/// Ownership: takes `trainer`. Threading: not while another call on it runs.
+/// Ownership: takes `trainer`; it must not be used afterwards.
+/// Threading: no other thread may use this handle during or after the call (not while
+/// another call on it runs).
+/// Errors: none (NULL is a no-op).
 #[no_mangle]
 pub extern "C" fn spo_trainer_free(trainer: *mut spo_trainer) {
     call_or((), || free_handle(trainer))

@@ -1,7 +1,7 @@
 //! LoRA file parsing: kohya / A1111 "webui" (incl. LyCORIS LoCon, LoHa, LoKr,
 //! DoRA) and diffusers / PEFT safetensors files, grouped into one
 //! [`LoraModule`] per target key stem. Key grammar and alpha conventions:
-//! `shared/reference/lora-formats.md` §1-2.
+//! docs/architecture.md, "LoRA".
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@
 //!   `W_d = dora_scale · (W + s·ΔW) / ‖W + s·ΔW‖` (norm per output row or per
 //!   input column, whichever `dora_scale`'s shape has), `W' = W + multiplier · (W_d − W)`.
 //!
-//! Formulas: `shared/reference/lora-formats.md` §1.
+//! The file conventions behind them: docs/architecture.md, "LoRA".
 
 use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
 

@@ -54,6 +54,9 @@ impl EpSet {
     /// A provider that cannot start is dropped with a warning, or is an error
     /// when `ep.strict=true`. CPU is always appended last as the fallback.
     pub fn resolve(options: &Options, env: &Environment, logger: &Logger) -> Result<EpSet> {
+        // Without an explicit list, a CUDA provider missing from the loaded
+        // build is the expected case on a CPU machine, not worth a warning.
+        let explicit = options.get("ep").is_some();
         let names = options
             .list("ep")
             .unwrap_or_else(|| vec!["cuda".into(), "cpu".into()]);
@@ -87,6 +90,7 @@ impl EpSet {
             active: Vec::new(),
             cuda_options,
         };
+        let mut skipped = Vec::new();
         for ep in requested {
             match set.probe(ep, env) {
                 Ok(()) => set.active.push(ep),
@@ -99,6 +103,9 @@ impl EpSet {
                         ),
                     ))
                 }
+                Err(why) if !explicit && !Self::is_built(ep) => {
+                    skipped.push(format!("default '{}' skipped: {why}", ep.name()))
+                }
                 Err(why) => logger.warn(&format!(
                     "execution provider '{}' is unavailable, falling back: {why}",
                     ep.name()
@@ -108,8 +115,13 @@ impl EpSet {
         if !set.active.contains(&Ep::Cpu) {
             set.active.push(Ep::Cpu);
         }
+        let why = if skipped.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", skipped.join("; "))
+        };
         logger.info(&format!(
-            "active execution providers: {}",
+            "running on execution providers: {}{why}",
             set.active_names()
         ));
         Ok(set)
@@ -129,6 +141,14 @@ impl EpSet {
                     .register(&mut builder)
                     .map_err(|e| e.to_string())
             }
+        }
+    }
+
+    /// Whether the loaded ONNX Runtime was built with `ep` at all.
+    fn is_built(ep: Ep) -> bool {
+        match ep {
+            Ep::Cpu => true,
+            Ep::Cuda => ep::CUDA::is_available().unwrap_or(false),
         }
     }
 

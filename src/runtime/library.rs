@@ -1,8 +1,8 @@
 //! Finding and loading the ONNX Runtime shared library.
 //!
 //! ONNX Runtime is loaded once per process (`ort`'s `load-dynamic` keeps one
-//! library); every runtime after the first shares it. Search order, from the
-//! architecture page: the `ort.library_path` option, `SPO_ORT_LIBRARY`,
+//! library); every runtime after the first shares it. Search order (docs/architecture.md,
+//! "Loading ONNX Runtime"): the `ort.library_path` option, `SPO_ORT_LIBRARY`,
 //! `ORT_DYLIB_PATH`, the folder of the loaded spo_runtime library, then the
 //! system search path. An explicitly configured place (the first three) is
 //! authoritative: when it fails we stop there rather than silently load another

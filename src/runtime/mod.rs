@@ -4,6 +4,7 @@
 pub mod ep;
 pub mod library;
 pub mod log;
+pub mod ort_log;
 pub mod session;
 
 use std::sync::Arc;
@@ -122,6 +123,10 @@ impl Runtime {
     pub fn session_builder(&self) -> Result<SessionBuilder> {
         let mut b = SessionBuilder::new(&self.inner.library.env)?
             .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(ort::Error::from)?
+            .with_logger(ort_log::forwarder(self.inner.logger.clone()))
+            .map_err(ort::Error::from)?
+            .with_log_level(ort_log::SESSION_LEVEL)
             .map_err(ort::Error::from)?;
         if let Some(n) = self.inner.intra_threads {
             b = b.with_intra_threads(n).map_err(ort::Error::from)?;

@@ -14,7 +14,8 @@ import torch
 from safetensors.numpy import load_file
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-SPO = os.path.join(ROOT, "target", "release", "spo")
+# The CLI `make build` made; the Makefile exports SPO_CLI (it honours CARGO_TARGET_DIR).
+SPO = os.environ.get("SPO_CLI") or os.path.join(ROOT, "target", "release", "spo")
 FIX = os.path.join(ROOT, "tests", "fixtures")
 
 

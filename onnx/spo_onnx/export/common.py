@@ -251,5 +251,9 @@ def _patch_forward(module, fn):
     prefix)."""
     module.forward = types.MethodType(fn, module)
 
+# Config keys left out of exported configs: diffusers records where the model
+# was loaded from, a local path that means nothing beside the graph.
+LOCAL_CONFIG_KEYS = ("_name_or_path",)
+
 def _config_json(cfg):
-    return json.dumps({k: v for k, v in dict(cfg).items()}, indent=2, sort_keys=True, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
+    return json.dumps({k: v for k, v in dict(cfg).items() if k not in LOCAL_CONFIG_KEYS}, indent=2, sort_keys=True, default=lambda o: list(o) if isinstance(o, tuple) else str(o))

@@ -22,7 +22,8 @@ import numpy as np
 from ..fixtures import REPO
 from . import world
 
-SPO = os.path.join(REPO, "target", "release", "spo")
+# The CLI `make build` made; the Makefile exports SPO_CLI (it honours CARGO_TARGET_DIR).
+SPO = os.environ.get("SPO_CLI") or os.path.join(REPO, "target", "release", "spo")
 ORT_LIB = os.path.join(REPO, "third_party", "onnxruntime", "cpu", "libonnxruntime.so")
 MODEL = os.path.join(REPO, "models", "shapes-sdxl")
 SETTINGS = dict(scheduler="ddim", steps=25, guidance=5.0)

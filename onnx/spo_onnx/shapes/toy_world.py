@@ -28,7 +28,8 @@ from spo_onnx.export import train as train_graphs
 from spo_onnx.shapes.world import COLOUR_NAMES, HELD_OUT, SHAPES, caption
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "..")
-SPO = os.path.join(ROOT, "target", "release", "spo")
+# The CLI `make build` made; the Makefile exports SPO_CLI (it honours CARGO_TARGET_DIR).
+SPO = os.environ.get("SPO_CLI") or os.path.join(ROOT, "target", "release", "spo")
 MODEL = os.path.join(ROOT, "models", "shapes-sdxl")
 SPM = os.path.join(MODEL, "preference-size")
 ROUNDS = 8

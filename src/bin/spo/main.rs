@@ -34,9 +34,11 @@ struct Cli {
 
 #[derive(Args)]
 struct RuntimeArgs {
-    /// Execution providers in order of preference.
-    #[arg(long, default_value = "cuda,cpu")]
-    ep: String,
+    /// Execution providers in order of preference [default: cuda,cpu, where a
+    /// CUDA provider missing from the loaded ONNX Runtime is skipped quietly;
+    /// named here, it is skipped with a warning].
+    #[arg(long)]
+    ep: Option<String>,
     /// Fail instead of falling back when a provider is unavailable.
     #[arg(long)]
     ep_strict: bool,
@@ -67,6 +69,7 @@ enum Command {
     Score(Box<train::Score>),
     /// Print a model folder's components, dtypes, shapes and providers.
     Info {
+        /// The model folder (diffusers/optimum ONNX layout).
         #[arg(long)]
         model: PathBuf,
         #[command(flatten)]
@@ -97,6 +100,7 @@ struct Grad {
     #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
     fd_step: f32,
     /// Seed of the random inputs and directions.
+    /// Random seed of the initial latents and the per-step noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[command(flatten)]
@@ -108,7 +112,9 @@ enum LoraCommand {
     /// Print a LoRA's format, dialect, rank and alpha, every module it matches
     /// in the model and every key it does not.
     Inspect {
+        /// The LoRA file (.safetensors).
         file: PathBuf,
+        /// The model folder whose modules the LoRA is resolved against.
         #[arg(long)]
         model: PathBuf,
     },
@@ -121,37 +127,44 @@ enum LoraCommand {
 /// `guidance_rescale`).
 #[derive(Args)]
 struct Generate {
+    /// The model folder (diffusers/optimum ONNX layout: model_index.json, unet/, ...).
     #[arg(long)]
     model: PathBuf,
+    /// The prompt.
     #[arg(long)]
     prompt: Option<String>,
     /// Negative prompt; without it SDXL uses zero embeddings (force_zeros_for_empty_prompt).
     #[arg(long)]
     negative: Option<String>,
+    /// Denoising steps [default: 30] (img2img runs the last `strength` part of them).
     #[arg(long)]
     steps: Option<String>,
-    /// Classifier-free guidance scale in [0, 100] (CFG is off at or below 1).
+    /// Classifier-free guidance scale in [0, 100] [default: 5] (CFG is off at or below 1).
     #[arg(long, allow_hyphen_values = true)]
     guidance: Option<String>,
-    /// diffusers' guidance_rescale, in [0, 1].
+    /// diffusers' guidance_rescale, in [0, 1] [default: 0].
     #[arg(long, allow_hyphen_values = true)]
     guidance_rescale: Option<String>,
     /// euler, euler_a, ddim, dpmpp_2m, dpmpp_2m_karras, ddpm (default: the
     /// model's scheduler_config.json class when ported, else euler).
     #[arg(long)]
     scheduler: Option<String>,
-    /// DDIM eta in [0, 1].
+    /// DDIM eta in [0, 1] [default: 0].
     #[arg(long, allow_hyphen_values = true)]
     eta: Option<String>,
+    /// Random seed of the initial latents and the per-step noise [default: 0].
     #[arg(long)]
     seed: Option<String>,
     /// Noise generator: torch-cpu (the default) matches torch.Generator("cpu").manual_seed(seed).
     #[arg(long)]
     generator: Option<String>,
+    /// Image width in pixels [default: the model's own size].
     #[arg(long)]
     width: Option<String>,
+    /// Image height in pixels [default: the model's own size].
     #[arg(long)]
     height: Option<String>,
+    /// Images per prompt [default: 1]; more than one writes OUT_1.png, OUT_2.png, ...
     #[arg(long)]
     num_images: Option<String>,
     /// Skip this many final CLIP layers (diffusers' clip_skip).
@@ -204,7 +217,9 @@ fn runtime(args: &RuntimeArgs) -> Result<Runtime> {
         Some(Arc::new(|l: LogLevel, m: &str| eprintln!("[{l:?}] {m}"))),
     );
     let mut o = Options::new();
-    o.set("ep", &args.ep)?;
+    if let Some(ep) = &args.ep {
+        o.set("ep", ep)?;
+    }
     o.set("ep.strict", if args.ep_strict { "true" } else { "false" })?;
     if let Some(t) = args.threads {
         o.set("threads.intra", &t.to_string())?;
@@ -299,6 +314,7 @@ fn check_output(flag: &str, path: &Path, ext: &str) -> Result<()> {
 }
 
 fn generate(g: Generate) -> Result<()> {
+    let t_start = std::time::Instant::now();
     let rt = runtime(&g.rt)?;
     let spec = job_spec(&g, rt.limits())?;
     check_output("--out", &g.out, "png")?;
@@ -326,7 +342,9 @@ fn generate(g: Generate) -> Result<()> {
     }
     let mut job = pipeline.job(spec)?;
     let t0 = std::time::Instant::now();
+    let load_time = t0 - t_start;
     run_with_progress(&mut job)?;
+    let generate_time = t0.elapsed();
     if let Some(p) = &g.save_latents {
         let l = job.latents().expect("done");
         let f = std::fs::File::create(p).map_err(|e| Error::io(p, e))?;
@@ -343,11 +361,13 @@ fn generate(g: Generate) -> Result<()> {
         };
         img.write_png(&path)?;
         println!(
-            "wrote {} ({}x{}) in {:.2}s",
+            "wrote {} ({}x{}) in {:.2}s: {:.2}s loading the model and LoRAs, {:.2}s generating",
             path.display(),
             img.width,
             img.height,
-            t0.elapsed().as_secs_f64()
+            t_start.elapsed().as_secs_f64(),
+            load_time.as_secs_f64(),
+            generate_time.as_secs_f64()
         );
     }
     Ok(())

@@ -53,6 +53,7 @@ pub struct Train {
     /// Save a checkpoint here every --checkpoint-every rounds and at the end.
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
+    /// Rounds between two checkpoints (with --checkpoint-dir).
     #[arg(long, default_value_t = 10)]
     checkpoint_every: u64,
     /// Continue from the checkpoint in this folder.
