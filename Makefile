@@ -111,7 +111,7 @@ py-test:
 BIND_BUILD := tests/c/build/bindings
 BIND_APT := apt-get update -qq && apt-get install -y -qq --no-install-recommends
 MCS := mcs -warn:4 -warnaserror
-LORA_XL_A := tests/fixtures/lora/tiny-sdxl/lora_a/kohya_flat.safetensors
+BIND_CASE := tests/bindings/case.txt
 LORA_15_B := tests/fixtures/lora/tiny-sd15/lora_b/kohya_flat.safetensors
 
 .PHONY: bindings-test bindings-ref go-test csharp-test engine-host-test
@@ -122,14 +122,14 @@ $(BIND_BUILD)/reference: tests/bindings/reference.c include/spo_runtime.h build
 	@mkdir -p $(BIND_BUILD)
 	$(CC) $(CFLAGS) $< -o $@ $(CLIBS)
 
-bindings-ref: $(BIND_BUILD)/reference
-	$(BIND_BUILD)/reference tests/fixtures/tiny-sdxl 7 $(BIND_BUILD)/ref.rgb
-	$(BIND_BUILD)/reference tests/fixtures/tiny-sdxl 7 $(BIND_BUILD)/ref-lora.rgb $(LORA_XL_A) 0.8
+bindings-ref: $(BIND_BUILD)/reference $(BIND_CASE)
+	$(BIND_BUILD)/reference $(BIND_CASE) $(BIND_BUILD)/ref.rgb
+	$(BIND_BUILD)/reference $(BIND_CASE) $(BIND_BUILD)/ref-lora.rgb lora
 
 go-test: bindings-ref
 	@command -v go >/dev/null || { echo "installing: golang-go"; $(BIND_APT) golang-go; }
 	cd bindings/go && test -z "$$(gofmt -l .)" && GOPROXY=off go vet ./... && \
-	  SPO_BINDINGS_REF=$(CURDIR)/$(BIND_BUILD) GOPROXY=off go test -race -count=1 ./...
+	  SPO_BINDINGS_CASE=$(CURDIR)/$(BIND_CASE) SPO_BINDINGS_REF=$(CURDIR)/$(BIND_BUILD) GOPROXY=off go test -race -count=1 ./...
 	cd examples/go && test -z "$$(gofmt -l .)" && GOPROXY=off go vet ./... && \
 	  GOPROXY=off go build -o $(CURDIR)/$(BIND_BUILD)/example-go .
 	$(BIND_BUILD)/example-go tests/fixtures/tiny-sd15 "a lighthouse" $(BIND_BUILD)/go.png $(LORA_15_B)
@@ -142,7 +142,7 @@ csharp-test: bindings-ref
 	$(MCS) -target:library -out:$(BIND_BUILD)/csharp/SpoRuntime.dll bindings/csharp/*.cs
 	$(MCS) -r:$(BIND_BUILD)/csharp/SpoRuntime.dll -r:System.Core.dll -out:$(BIND_BUILD)/csharp/Tests.exe tests/bindings/csharp/Tests.cs
 	$(MCS) -r:$(BIND_BUILD)/csharp/SpoRuntime.dll -out:$(BIND_BUILD)/csharp/Txt2Img.exe examples/csharp/Txt2Img.cs
-	LD_LIBRARY_PATH=$(LIBDIR) mono --debug $(BIND_BUILD)/csharp/Tests.exe $(CURDIR) $(CURDIR)/$(BIND_BUILD)
+	LD_LIBRARY_PATH=$(LIBDIR) mono --debug $(BIND_BUILD)/csharp/Tests.exe $(CURDIR) $(BIND_CASE) $(BIND_BUILD)
 	LD_LIBRARY_PATH=$(LIBDIR) mono $(BIND_BUILD)/csharp/Txt2Img.exe tests/fixtures/tiny-sd15 "a lighthouse" \
 	  $(BIND_BUILD)/csharp.ppm $(LORA_15_B)
 

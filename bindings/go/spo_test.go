@@ -1,11 +1,13 @@
 package spo_test
 
 // The references are independent of this package: ref.rgb and ref-lora.rgb
-// come from tests/bindings/reference.c (the C API alone; `make go-test`
-// makes them and names their folder in SPO_BINDINGS_REF), and the PNG from
-// the `spo` CLI run by the test itself.
+// come from tests/bindings/reference.c (the C API alone) and the PNG from the
+// `spo` CLI run by the test itself, all rendering the case file
+// tests/bindings/case.txt. `make go-test` makes the references and names the
+// case file and their folder in SPO_BINDINGS_CASE and SPO_BINDINGS_REF.
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -14,6 +16,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -22,16 +25,85 @@ import (
 	"spo-runtime/spo"
 )
 
-const (
-	root     = "../.."
-	model    = root + "/tests/fixtures/tiny-sdxl"
-	loraFile = root + "/tests/fixtures/lora/tiny-sdxl/lora_a/kohya_flat.safetensors"
+const root = "../.."
+
+// refCase is tests/bindings/case.txt: paths relative to the repository root.
+type refCase struct {
+	model, lora string
+	multiplier  float32
+	job         spo.Options
+}
+
+var (
+	caseOnce sync.Once
+	theCase  refCase
+	caseErr  error
 )
 
-// jobOptions are the settings of tests/bindings/reference.c.
-func jobOptions(seed string) spo.Options {
-	return spo.Options{"prompt": "a red fox", "steps": "4", "width": "64", "height": "64",
-		"guidance": "5", "scheduler": "euler", "seed": seed}
+func loadCase(t *testing.T) refCase {
+	t.Helper()
+	caseOnce.Do(func() { theCase, caseErr = readCase(os.Getenv("SPO_BINDINGS_CASE")) })
+	if caseErr != nil {
+		t.Fatal(caseErr)
+	}
+	return theCase
+}
+
+func readCase(path string) (refCase, error) {
+	c := refCase{job: spo.Options{}}
+	if path == "" {
+		return c, errors.New("SPO_BINDINGS_CASE is not set: run `make go-test`, which makes the reference images")
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return c, err
+	}
+	defer f.Close()
+	lines := bufio.NewScanner(f)
+	for lines.Scan() {
+		key, value, ok := strings.Cut(lines.Text(), "=")
+		switch {
+		case strings.HasPrefix(key, "#") || key == "":
+		case !ok:
+			return c, errors.New(path + ": line without '=': " + key)
+		case strings.HasPrefix(key, "job."):
+			c.job[strings.TrimPrefix(key, "job.")] = value
+		case key == "model":
+			c.model = filepath.Join(root, value)
+		case key == "lora":
+			c.lora = filepath.Join(root, value)
+		case key == "lora_multiplier":
+			m, err := strconv.ParseFloat(value, 32)
+			if err != nil {
+				return c, err
+			}
+			c.multiplier = float32(m)
+		}
+	}
+	return c, lines.Err()
+}
+
+// jobOptions are the case's job settings with some replaced.
+func jobOptions(t *testing.T, replace ...string) spo.Options {
+	t.Helper()
+	opts := spo.Options{}
+	for k, v := range loadCase(t).job {
+		opts[k] = v
+	}
+	for i := 0; i+1 < len(replace); i += 2 {
+		opts[replace[i]] = replace[i+1]
+	}
+	return opts
+}
+
+// caseInt is an integer job setting of the case.
+func caseInt(t *testing.T, key string) int {
+	t.Helper()
+	v, err := strconv.Atoi(loadCase(t).job[key])
+	if err != nil {
+		t.Fatalf("case job.%s: %v", key, err)
+	}
+	return v
 }
 
 func reference(t *testing.T, name string) []byte {
@@ -53,7 +125,7 @@ func setup(t *testing.T) (*spo.Runtime, *spo.Pipeline) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pipe, err := rt.LoadPipeline(model, nil)
+	pipe, err := rt.LoadPipeline(loadCase(t).model, nil)
 	if err != nil {
 		rt.Close()
 		t.Fatal(err)
@@ -64,12 +136,13 @@ func setup(t *testing.T) (*spo.Runtime, *spo.Pipeline) {
 
 func generate(t *testing.T, pipe *spo.Pipeline, seed string) []byte {
 	t.Helper()
-	images, err := pipe.Generate(context.Background(), jobOptions(seed), nil)
+	images, err := pipe.Generate(context.Background(), jobOptions(t, "seed", seed), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(images) != 1 || images[0].Width != 64 || images[0].Height != 64 {
-		t.Fatalf("got %d images, first %dx%d; want one 64x64", len(images), images[0].Width, images[0].Height)
+	w, h := caseInt(t, "width"), caseInt(t, "height")
+	if len(images) != 1 || images[0].Width != w || images[0].Height != h {
+		t.Fatalf("got %d images, first %dx%d; want one %dx%d", len(images), images[0].Width, images[0].Height, w, h)
 	}
 	return images[0].Pix
 }
@@ -77,9 +150,11 @@ func generate(t *testing.T, pipe *spo.Pipeline, seed string) []byte {
 func cliImage(t *testing.T) []byte {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), "cli.png")
-	cmd := exec.Command(root+"/target/release/spo", "generate", "--model", model, "--prompt", "a red fox",
-		"--steps", "4", "--width", "64", "--height", "64", "--guidance", "5", "--scheduler", "euler",
-		"--seed", "7", "--out", out)
+	args := []string{"generate", "--model", loadCase(t).model, "--out", out}
+	for k, v := range loadCase(t).job {
+		args = append(args, "--"+k, v)
+	}
+	cmd := exec.Command(root+"/target/release/spo", args...)
 	if msg, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("spo generate: %v\n%s", err, msg)
 	}
@@ -105,10 +180,10 @@ func cliImage(t *testing.T) []byte {
 
 func TestGenerateMatchesCAndCLI(t *testing.T) {
 	_, pipe := setup(t)
-	calls := 0
-	images, err := pipe.Generate(context.Background(), jobOptions("7"), func(done, total uint32) bool {
+	calls, steps := 0, caseInt(t, "steps")
+	images, err := pipe.Generate(context.Background(), jobOptions(t), func(done, total uint32) bool {
 		calls++
-		if done != uint32(calls) || total != 4 {
+		if done != uint32(calls) || total != uint32(steps) {
 			t.Errorf("progress %d/%d at call %d", done, total, calls)
 		}
 		return true
@@ -116,8 +191,8 @@ func TestGenerateMatchesCAndCLI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if calls != 4 {
-		t.Errorf("progress called %d times, want 4", calls)
+	if calls != steps {
+		t.Errorf("progress called %d times, want %d", calls, steps)
 	}
 	got := images[0].Pix
 	if !bytes.Equal(got, reference(t, "ref.rgb")) {
@@ -133,7 +208,7 @@ func TestGenerateMatchesCAndCLI(t *testing.T) {
 
 func TestStepByStepWithPreview(t *testing.T) {
 	_, pipe := setup(t)
-	job, err := pipe.NewJob(jobOptions("7"))
+	job, err := pipe.NewJob(jobOptions(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,6 +216,8 @@ func TestStepByStepWithPreview(t *testing.T) {
 	if _, err := job.Preview(); err == nil {
 		t.Error("a preview before the first step succeeded")
 	}
+	// SDXL latents: 4 channels at 1/8 of the image size.
+	shape := [4]int{1, 4, caseInt(t, "height") / 8, caseInt(t, "width") / 8}
 	for steps := 1; ; steps++ {
 		st, err := job.Step()
 		if err != nil {
@@ -150,12 +227,12 @@ func TestStepByStepWithPreview(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if p.Step != st.Done || p.Shape != [4]int{1, 4, 8, 8} || len(p.Latents) != 256 {
+		if p.Step != st.Done || p.Shape != shape || len(p.Latents) != shape[1]*shape[2]*shape[3] {
 			t.Fatalf("preview step %d shape %v (%d floats) after step %d", p.Step, p.Shape, len(p.Latents), st.Done)
 		}
 		if st.Finished {
-			if steps != 4 {
-				t.Errorf("finished after %d steps, want 4", steps)
+			if steps != caseInt(t, "steps") {
+				t.Errorf("finished after %d steps, want %d", steps, caseInt(t, "steps"))
 			}
 			break
 		}
@@ -185,23 +262,23 @@ func expectCode(t *testing.T, err error, code spo.Code, needle string) {
 
 func TestErrors(t *testing.T) {
 	rt, pipe := setup(t)
-	_, err := pipe.NewJob(spo.Options{"prompt": "x", "stepz": "4"})
+	_, err := pipe.NewJob(jobOptions(t, "stepz", "4"))
 	expectCode(t, err, spo.CodeUnknownOption, "stepz")
-	_, err = pipe.NewJob(spo.Options{"prompt": "x", "width": "100000"})
+	_, err = pipe.NewJob(jobOptions(t, "width", "100000"))
 	expectCode(t, err, spo.CodeInvalidOptionValue, "limits.max_side")
 	_, err = rt.LoadPipeline(root+"/no/such/model", nil)
 	expectCode(t, err, spo.CodeInvalidModel, "no/such/model")
 	_, err = rt.LoadLora("/no/such.safetensors")
 	expectCode(t, err, spo.CodeIO, "/no/such.safetensors")
-	_, err = pipe.NewJob(spo.Options{"prompt": "a\x00b"})
+	_, err = pipe.NewJob(jobOptions(t, "prompt", "a\x00b"))
 	expectCode(t, err, spo.CodeInvalidArgument, "NUL")
 	_, err = pipe.Info("nonsense")
 	expectCode(t, err, spo.CodeInvalidArgument, "nonsense")
 	// After an error the pipeline still works.
-	if !bytes.Equal(generate(t, pipe, "7"), reference(t, "ref.rgb")) {
+	if !bytes.Equal(generate(t, pipe, loadCase(t).job["seed"]), reference(t, "ref.rgb")) {
 		t.Error("image after errors differs from the C API's")
 	}
-	lora, err := rt.LoadLora(loraFile)
+	lora, err := rt.LoadLora(loadCase(t).lora)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -213,7 +290,7 @@ func TestErrors(t *testing.T) {
 
 func TestCancelFromAnotherGoroutineThenReuse(t *testing.T) {
 	_, pipe := setup(t)
-	job, err := pipe.NewJob(spo.Options{"prompt": "a red fox", "steps": "200", "width": "64", "height": "64"})
+	job, err := pipe.NewJob(jobOptions(t, "steps", "200"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -238,10 +315,38 @@ func TestCancelFromAnotherGoroutineThenReuse(t *testing.T) {
 	// The job stays failed; the pipeline is free for a new one at once.
 	_, err = job.Step()
 	expectCode(t, err, spo.CodeCancelled, "")
-	if !bytes.Equal(generate(t, pipe, "7"), reference(t, "ref.rgb")) {
+	if !bytes.Equal(generate(t, pipe, loadCase(t).job["seed"]), reference(t, "ref.rgb")) {
 		t.Error("image after a cancel differs from the C API's")
 	}
 	job.Close()
+}
+
+// Close from another goroutine during Run cancels the job, waits for Run to
+// return, then frees it; the closed job answers with an error.
+func TestCloseDuringRun(t *testing.T) {
+	_, pipe := setup(t)
+	job, err := pipe.NewJob(jobOptions(t, "steps", "200"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	started, closed := make(chan struct{}), make(chan struct{})
+	err = job.SetProgress(func(done, total uint32) bool {
+		if done == 1 {
+			close(started)
+		}
+		return true
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { <-started; job.Close(); close(closed) }()
+	expectCode(t, job.Run(context.Background()), spo.CodeCancelled, "")
+	<-closed
+	_, err = job.Step()
+	expectCode(t, err, spo.CodeInvalidArgument, "closed")
+	if !bytes.Equal(generate(t, pipe, loadCase(t).job["seed"]), reference(t, "ref.rgb")) {
+		t.Error("image after a Close during Run differs from the C API's")
+	}
 }
 
 func TestContextCancel(t *testing.T) {
@@ -249,7 +354,7 @@ func TestContextCancel(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	last := uint32(0)
-	_, err := pipe.Generate(ctx, spo.Options{"prompt": "a red fox", "steps": "200", "width": "64", "height": "64"},
+	_, err := pipe.Generate(ctx, jobOptions(t, "steps", "200"),
 		func(done, total uint32) bool {
 			last = done
 			if done == 1 {
@@ -265,9 +370,9 @@ func TestContextCancel(t *testing.T) {
 	if last >= 200 {
 		t.Error("the job ran to the end")
 	}
-	_, err = pipe.Generate(ctx, jobOptions("7"), nil)
+	_, err = pipe.Generate(ctx, jobOptions(t), nil)
 	expectCode(t, err, spo.CodeCancelled, "context")
-	if !bytes.Equal(generate(t, pipe, "7"), reference(t, "ref.rgb")) {
+	if !bytes.Equal(generate(t, pipe, loadCase(t).job["seed"]), reference(t, "ref.rgb")) {
 		t.Error("image after a context cancel differs from the C API's")
 	}
 }
@@ -280,16 +385,16 @@ func TestProgressPanicReachesCaller(t *testing.T) {
 				t.Errorf("recovered %v, want the progress function's panic", v)
 			}
 		}()
-		pipe.Generate(context.Background(), jobOptions("7"), func(done, total uint32) bool { panic("boom") })
+		pipe.Generate(context.Background(), jobOptions(t), func(done, total uint32) bool { panic("boom") })
 	}()
-	if !bytes.Equal(generate(t, pipe, "7"), reference(t, "ref.rgb")) {
+	if !bytes.Equal(generate(t, pipe, loadCase(t).job["seed"]), reference(t, "ref.rgb")) {
 		t.Error("image after a panicking callback differs from the C API's")
 	}
 }
 
 func TestLora(t *testing.T) {
 	rt, pipe := setup(t)
-	lora, err := rt.LoadLora(loraFile)
+	lora, err := rt.LoadLora(loadCase(t).lora)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -297,10 +402,10 @@ func TestLora(t *testing.T) {
 	if format, err := lora.Info("format"); err != nil || format == "" {
 		t.Errorf("format %q, %v", format, err)
 	}
-	if err := pipe.SetLoras(spo.LoraMerge, spo.WeightedLora{Lora: lora, Multiplier: 0.8}); err != nil {
+	if err := pipe.SetLoras(spo.LoraMerge, spo.WeightedLora{Lora: lora, Multiplier: loadCase(t).multiplier}); err != nil {
 		t.Fatal(err)
 	}
-	withLora := generate(t, pipe, "7")
+	withLora := generate(t, pipe, loadCase(t).job["seed"])
 	if !bytes.Equal(withLora, reference(t, "ref-lora.rgb")) {
 		t.Error("image with the LoRA differs from the C API's")
 	}
@@ -312,7 +417,7 @@ func TestLora(t *testing.T) {
 	if err := pipe.SetLoras(spo.LoraMerge); err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(generate(t, pipe, "7"), reference(t, "ref.rgb")) {
+	if !bytes.Equal(generate(t, pipe, loadCase(t).job["seed"]), reference(t, "ref.rgb")) {
 		t.Error("image after removing the LoRA differs from the C API's")
 	}
 }
@@ -322,7 +427,7 @@ func TestLora(t *testing.T) {
 func TestGCStress(t *testing.T) {
 	rt, pipe := setup(t)
 	for i := 0; i < 100; i++ {
-		if _, err := rt.LoadLora(loraFile); err != nil {
+		if _, err := rt.LoadLora(loadCase(t).lora); err != nil {
 			t.Fatal(err)
 		}
 		job := newJobAfterGC(t, pipe)
@@ -337,13 +442,22 @@ func TestGCStress(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p2, err := r2.LoadPipeline(model, nil)
+	p2, err := r2.LoadPipeline(loadCase(t).model, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	_ = p2 // both dropped: the pipeline keeps the runtime alive until collected
-	runtime.GC()
-	if !bytes.Equal(generate(t, pipe, "7"), reference(t, "ref.rgb")) {
+	// The last dropped job's finalizer frees the slot.
+	job := newJobAfterGC(t, pipe)
+	defer job.Close()
+	if err := job.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	images, err := job.TakeImages()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(images[0].Pix, reference(t, "ref.rgb")) {
 		t.Error("image after the GC loop differs from the C API's")
 	}
 }
@@ -352,7 +466,7 @@ func newJobAfterGC(t *testing.T, pipe *spo.Pipeline) *spo.Job {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		job, err := pipe.NewJob(jobOptions("7"))
+		job, err := pipe.NewJob(jobOptions(t))
 		var e *spo.Error
 		if err == nil {
 			return job
@@ -374,14 +488,14 @@ func TestGoroutinesShareRuntime(t *testing.T) {
 		wg.Add(1)
 		go func(g int) {
 			defer wg.Done()
-			pipe, err := rt.LoadPipeline(model, nil)
+			pipe, err := rt.LoadPipeline(loadCase(t).model, nil)
 			if err != nil {
 				t.Error(err)
 				return
 			}
 			defer pipe.Close()
 			for i := 0; i < 2; i++ {
-				images, err := pipe.Generate(context.Background(), jobOptions("7"), func(done, total uint32) bool { return true })
+				images, err := pipe.Generate(context.Background(), jobOptions(t), func(done, total uint32) bool { return true })
 				if err != nil {
 					t.Error(err)
 					return

@@ -1,6 +1,7 @@
-// Tests of the C# binding, run by `make csharp-test`: Tests.exe REPO_ROOT REF_DIR.
-// The references are independent of the binding: ref.rgb and ref-lora.rgb come
-// from tests/bindings/reference.c (the C API alone), the code values from the C header.
+// Tests of the C# binding, run by `make csharp-test`: Tests.exe REPO_ROOT CASE.txt REF_DIR
+// (the last two relative to REPO_ROOT). The references are independent of the
+// binding: ref.rgb and ref-lora.rgb are what tests/bindings/reference.c makes of
+// the case file through the C API alone, and the code values come from the C header.
 using System;
 using System.Collections.Generic;
 using System.IO;
@@ -14,6 +15,8 @@ static class Tests
 {
     static int checks, failures;
     static string root, refDir, model, loraFile;
+    static float loraMultiplier;
+    static readonly Dictionary<string, string> caseJob = new Dictionary<string, string>();
 
     static void Check(bool ok, string what)
     {
@@ -21,19 +24,38 @@ static class Tests
         if (!ok) { failures++; Console.Error.WriteLine("FAIL " + what); }
     }
 
-    static Dictionary<string, string> JobOptions(string seed)
+    // tests/bindings/case.txt: KEY=VALUE lines, job.KEY for the job options.
+    static void ReadCase(string path)
     {
-        return new Dictionary<string, string> {
-            { "prompt", "a red fox" }, { "steps", "4" }, { "width", "64" }, { "height", "64" },
-            { "guidance", "5" }, { "scheduler", "euler" }, { "seed", seed } };
+        foreach (string line in File.ReadAllLines(path))
+        {
+            if (line.StartsWith("#") || line.Length == 0) continue;
+            int eq = line.IndexOf('=');
+            if (eq < 0) throw new InvalidDataException(path + ": line without '=': " + line);
+            string key = line.Substring(0, eq), value = line.Substring(eq + 1);
+            if (key.StartsWith("job.")) caseJob[key.Substring(4)] = value;
+            else if (key == "model") model = Path.Combine(root, value);
+            else if (key == "lora") loraFile = Path.Combine(root, value);
+            else if (key == "lora_multiplier") loraMultiplier = float.Parse(value, System.Globalization.CultureInfo.InvariantCulture);
+        }
     }
+
+    // The case's job options, with pairs of (key, value) replaced.
+    static Dictionary<string, string> JobOptions(params string[] replace)
+    {
+        var options = new Dictionary<string, string>(caseJob);
+        for (int i = 0; i + 1 < replace.Length; i += 2) options[replace[i]] = replace[i + 1];
+        return options;
+    }
+
+    static int CaseInt(string key) { return int.Parse(caseJob[key]); }
 
     static byte[] Reference(string name) { return File.ReadAllBytes(Path.Combine(refDir, name)); }
 
-    static byte[] Generate(Pipeline pipe, string seed)
+    static byte[] Generate(Pipeline pipe, params string[] replace)
     {
-        Image[] images = pipe.Generate(JobOptions(seed));
-        Check(images.Length == 1 && images[0].Width == 64 && images[0].Height == 64, "one 64x64 image");
+        Image[] images = pipe.Generate(JobOptions(replace));
+        Check(images.Length == 1 && images[0].Width == CaseInt("width") && images[0].Height == CaseInt("height"), "one image of the case's size");
         return images[0].Rgb;
     }
 
@@ -82,14 +104,14 @@ static class Tests
     static void GenerateMatchesC(Pipeline pipe)
     {
         int calls = 0;
-        Image[] images = pipe.Generate(JobOptions("7"), new Callback(p => {
+        Image[] images = pipe.Generate(JobOptions(), new Callback(p => {
             calls++;
-            Check(p.Done == calls && p.Total == 4, "progress " + p.Done + "/" + p.Total);
+            Check(p.Done == calls && p.Total == CaseInt("steps"), "progress " + p.Done + "/" + p.Total);
         }));
-        Check(calls == 4, "progress called 4 times, got " + calls);
+        Check(calls == CaseInt("steps"), "progress called once a step, got " + calls);
         Check(images[0].Rgb.SequenceEqual(Reference("ref.rgb")), "image equals the C API's for the same seed");
-        Check(!Generate(pipe, "8").SequenceEqual(images[0].Rgb), "another seed gives another image");
-        using (Job job = pipe.CreateJob(JobOptions("7")))
+        Check(!Generate(pipe, "seed", "8").SequenceEqual(images[0].Rgb), "another seed gives another image");
+        using (Job job = pipe.CreateJob(JobOptions()))
         {
             JobStatus s;
             int steps = 0;
@@ -98,28 +120,26 @@ static class Tests
                 s = job.Step();
                 steps++;
                 Preview p = job.Preview();
-                Check(p.Step == s.Done && p.Shape.SequenceEqual(new[] { 1, 4, 8, 8 }) && p.Latents.Length == 256, "preview after step " + s.Done);
+                // SDXL latents: 4 channels at 1/8 of the image size.
+                int[] shape = { 1, 4, CaseInt("height") / 8, CaseInt("width") / 8 };
+                Check(p.Step == s.Done && p.Shape.SequenceEqual(shape) && p.Latents.Length == shape[1] * shape[2] * shape[3], "preview after step " + s.Done);
             } while (!s.Finished);
-            Check(steps == 4, "4 steps, got " + steps);
+            Check(steps == CaseInt("steps"), "one Step a step, got " + steps);
             Check(job.TakeImages()[0].Rgb.SequenceEqual(Reference("ref.rgb")), "stepped image equals the C API's");
         }
     }
 
     static void Errors(Runtime rt, Pipeline pipe)
     {
-        var bad = JobOptions("7");
-        bad["stepz"] = "4";
-        ExpectCode(() => pipe.CreateJob(bad), SpoCode.UnknownOption, "stepz", "unknown job key");
-        bad = JobOptions("7");
-        bad["width"] = "100000";
-        ExpectCode(() => pipe.CreateJob(bad), SpoCode.InvalidOptionValue, "limits.max_side", "width over the limit");
+        ExpectCode(() => pipe.CreateJob(JobOptions("stepz", "4")), SpoCode.UnknownOption, "stepz", "unknown job key");
+        ExpectCode(() => pipe.CreateJob(JobOptions("width", "100000")), SpoCode.InvalidOptionValue, "limits.max_side", "width over the limit");
         ExpectCode(() => rt.LoadPipeline(Path.Combine(root, "no/such/model")), SpoCode.InvalidModel, "no/such/model", "missing model");
         ExpectCode(() => rt.LoadLora("/no/such.safetensors"), SpoCode.Io, "/no/such.safetensors", "missing LoRA");
         ExpectCode(() => pipe.Info("nonsense"), SpoCode.InvalidArgument, "nonsense", "unknown info key");
         try { rt.Info("a\0b"); Check(false, "NUL in a key accepted"); }
         catch (ArgumentException e) { Check(e.Message.Contains("NUL"), "NUL refused: " + e.Message); }
         Check(pipe.Info("kind") == "sdxl", "kind is sdxl");
-        Check(Generate(pipe, "7").SequenceEqual(Reference("ref.rgb")), "image after errors equals the C API's");
+        Check(Generate(pipe).SequenceEqual(Reference("ref.rgb")), "image after errors equals the C API's");
         Lora lora = rt.LoadLora(loraFile);
         lora.Dispose();
         lora.Dispose();
@@ -129,7 +149,7 @@ static class Tests
 
     static void CancelThenReuse(Pipeline pipe)
     {
-        var options = new Dictionary<string, string> { { "prompt", "a red fox" }, { "steps", "200" }, { "width", "64" }, { "height", "64" } };
+        var options = JobOptions("steps", "200");
         uint last = 0;
         using (var started = new ManualResetEventSlim())
         using (var cancelled = new ManualResetEventSlim())
@@ -144,7 +164,7 @@ static class Tests
             ExpectCode(() => job.Run(), SpoCode.Cancelled, "", "cancel from another thread");
             canceller.Join();
             Check(last == 1, "no step after the cancel, got " + last);
-            Check(Generate(pipe, "7").SequenceEqual(Reference("ref.rgb")), "image after a cancel equals the C API's");
+            Check(Generate(pipe).SequenceEqual(Reference("ref.rgb")), "image after a cancel equals the C API's");
         }
         using (var source = new CancellationTokenSource())
         {
@@ -163,11 +183,11 @@ static class Tests
         }
         try
         {
-            pipe.Generate(JobOptions("7"), new Callback(p => { throw new InvalidOperationException("boom"); }));
+            pipe.Generate(JobOptions(), new Callback(p => { throw new InvalidOperationException("boom"); }));
             Check(false, "a throwing progress callback was swallowed");
         }
         catch (InvalidOperationException e) { Check(e.Message == "boom", "callback exception rethrown"); }
-        Check(Generate(pipe, "7").SequenceEqual(Reference("ref.rgb")), "image after cancels equals the C API's");
+        Check(Generate(pipe).SequenceEqual(Reference("ref.rgb")), "image after cancels equals the C API's");
     }
 
     static void Loras(Runtime rt, Pipeline pipe)
@@ -175,20 +195,20 @@ static class Tests
         using (Lora lora = rt.LoadLora(loraFile))
         {
             Check(lora.Info("format") != "", "LoRA format");
-            pipe.SetLoras(new[] { new KeyValuePair<Lora, float>(lora, 0.8f) }, LoraMode.Merge);
-            byte[] with = Generate(pipe, "7");
+            pipe.SetLoras(new[] { new KeyValuePair<Lora, float>(lora, loraMultiplier) }, LoraMode.Merge);
+            byte[] with = Generate(pipe);
             Check(with.SequenceEqual(Reference("ref-lora.rgb")), "image with the LoRA equals the C API's");
             Check(!with.SequenceEqual(Reference("ref.rgb")), "the LoRA changes the image");
         }
         pipe.SetLoras(new KeyValuePair<Lora, float>[0], LoraMode.Merge);
-        Check(Generate(pipe, "7").SequenceEqual(Reference("ref.rgb")), "image after removing the LoRA equals the C API's");
+        Check(Generate(pipe).SequenceEqual(Reference("ref.rgb")), "image after removing the LoRA equals the C API's");
     }
 
     static Job CreateJobAfterGC(Pipeline pipe)
     {
         for (int tries = 0; ; tries++)
         {
-            try { return pipe.CreateJob(JobOptions("7")); }
+            try { return pipe.CreateJob(JobOptions()); }
             catch (SpoException e)
             {
                 if (e.Code != SpoCode.Busy || tries > 100) throw;
@@ -223,13 +243,13 @@ static class Tests
     {
         // The delegate handed to native code must survive collections, before
         // the run and during it, for as long as the job may call it.
-        using (Job job = pipe.CreateJob(JobOptions("7")))
+        using (Job job = pipe.CreateJob(JobOptions()))
         {
             int calls = 0;
             SetCollectingProgress(job, () => calls++);
             Collect();
             job.Run();
-            Check(calls == 4, "progress with GC called 4 times, got " + calls);
+            Check(calls == CaseInt("steps"), "progress with GC called once a step, got " + calls);
             Check(job.TakeImages()[0].Rgb.SequenceEqual(Reference("ref.rgb")), "image with GC in the callback equals the C API's");
         }
         // Handles dropped without Dispose are freed by finalizers: a dropped job
@@ -250,7 +270,7 @@ static class Tests
             {
                 using (Pipeline own = rt.LoadPipeline(model))
                     for (int i = 0; i < 2; i++)
-                        Check(own.Generate(JobOptions("7"), new Callback(p => { }))[0].Rgb.SequenceEqual(want), "thread " + t + " run " + i);
+                        Check(own.Generate(JobOptions(), new Callback(p => { }))[0].Rgb.SequenceEqual(want), "thread " + t + " run " + i);
             }
             catch (Exception e) { Check(false, "thread " + t + ": " + e); }
         })).ToList();
@@ -261,9 +281,8 @@ static class Tests
     static int Main(string[] args)
     {
         root = args[0];
-        refDir = args[1];
-        model = Path.Combine(root, "tests/fixtures/tiny-sdxl");
-        loraFile = Path.Combine(root, "tests/fixtures/lora/tiny-sdxl/lora_a/kohya_flat.safetensors");
+        ReadCase(Path.Combine(root, args[1]));
+        refDir = Path.Combine(root, args[2]);
         HeaderValues();
         using (var rt = new Runtime(new Dictionary<string, string> { { "ep", "cpu" } }))
         using (Pipeline pipe = rt.LoadPipeline(model))
