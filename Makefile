@@ -111,6 +111,9 @@ py-test:
 BIND_BUILD := tests/c/build/bindings
 BIND_APT := apt-get update -qq && apt-get install -y -qq --no-install-recommends
 MCS := mcs -warn:4 -warnaserror
+# The Go tool needs a cache folder; without HOME (some CI shells) it goes under tests/c/build.
+GOCACHE ?= $(if $(HOME),$(HOME)/.cache/go-build,$(CURDIR)/tests/c/build/go-cache)
+GO := GOPROXY=off GOCACHE=$(GOCACHE) go
 BIND_CASE := tests/bindings/case.txt
 LORA_15_B := tests/fixtures/lora/tiny-sd15/lora_b/kohya_flat.safetensors
 
@@ -128,10 +131,10 @@ bindings-ref: $(BIND_BUILD)/reference $(BIND_CASE)
 
 go-test: bindings-ref
 	@command -v go >/dev/null || { echo "installing: golang-go"; $(BIND_APT) golang-go; }
-	cd bindings/go && test -z "$$(gofmt -l .)" && GOPROXY=off go vet ./... && \
-	  SPO_BINDINGS_CASE=$(CURDIR)/$(BIND_CASE) SPO_BINDINGS_REF=$(CURDIR)/$(BIND_BUILD) GOPROXY=off go test -race -count=1 ./...
-	cd examples/go && test -z "$$(gofmt -l .)" && GOPROXY=off go vet ./... && \
-	  GOPROXY=off go build -o $(CURDIR)/$(BIND_BUILD)/example-go .
+	cd bindings/go && test -z "$$(gofmt -l .)" && $(GO) vet ./... && \
+	  SPO_BINDINGS_CASE=$(CURDIR)/$(BIND_CASE) SPO_BINDINGS_REF=$(CURDIR)/$(BIND_BUILD) $(GO) test -race -count=1 ./...
+	cd examples/go && test -z "$$(gofmt -l .)" && $(GO) vet ./... && \
+	  $(GO) build -o $(CURDIR)/$(BIND_BUILD)/example-go .
 	$(BIND_BUILD)/example-go tests/fixtures/tiny-sd15 "a lighthouse" $(BIND_BUILD)/go.png $(LORA_15_B)
 
 csharp-test: bindings-ref
