@@ -80,7 +80,7 @@ examples: $(EXAMPLES) tests/c/build/example-cpp-txt2img tests/c/build/example-cp
 	@head -c 8 tests/c/build/txt2img.png | od -An -c | grep -q 'P   N   G' || { echo "txt2img did not write a PNG"; exit 1; }
 
 ## Tests -------------------------------------------------------------------------
-test: setup lint rust-test symbols c-test examples package-test py-test
+test: setup lint rust-test symbols c-test examples package-test py-test bindings-test
 	@echo "make test: all checks passed"
 
 lint:
@@ -153,6 +153,61 @@ package-test: dist
 	@stage=$$(mktemp -d) && trap 'rm -rf "$$stage"' EXIT && \
 	$(MAKE) --no-print-directory -s install PREFIX=$$stage/prefix >/dev/null && \
 	bash tests/package/run.sh $$stage/prefix $(DIST_TARBALL) $(VERSION) $(ABI) tests/fixtures/tiny-sd15
+
+## Bindings: Go, C# and the engine-style host (bindings-test) ---------------------------
+# Each target installs its Debian tools when missing. The Go and C# tests compare
+# with images that tests/bindings/reference.c makes through the C API alone.
+BIND_BUILD := tests/c/build/bindings
+BIND_APT := apt-get update -qq && apt-get install -y -qq --no-install-recommends
+MCS := mcs -warn:4 -warnaserror
+# The Go tool needs a cache folder; without HOME (some CI shells) it goes under tests/c/build.
+GOCACHE ?= $(if $(HOME),$(HOME)/.cache/go-build,$(CURDIR)/tests/c/build/go-cache)
+GO := GOPROXY=off GOCACHE=$(GOCACHE) go
+BIND_CASE := tests/bindings/case.txt
+LORA_15_B := tests/fixtures/lora/tiny-sd15/lora_b/kohya_flat.safetensors
+
+.PHONY: bindings-test bindings-ref go-test csharp-test engine-host-test
+
+bindings-test: go-test csharp-test engine-host-test
+
+$(BIND_BUILD)/reference: tests/bindings/reference.c include/spo_runtime.h build
+	@mkdir -p $(BIND_BUILD)
+	$(CC) $(CFLAGS) $< -o $@ $(CLIBS)
+
+bindings-ref: $(BIND_BUILD)/reference $(BIND_CASE)
+	$(BIND_BUILD)/reference $(BIND_CASE) $(BIND_BUILD)/ref.rgb
+	$(BIND_BUILD)/reference $(BIND_CASE) $(BIND_BUILD)/ref-lora.rgb lora
+
+go-test: bindings-ref
+	@command -v go >/dev/null || { echo "installing: golang-go"; $(BIND_APT) golang-go; }
+	cd bindings/go && test -z "$$(gofmt -l .)" && $(GO) vet ./... && \
+	  SPO_BINDINGS_CASE=$(CURDIR)/$(BIND_CASE) SPO_BINDINGS_REF=$(CURDIR)/$(BIND_BUILD) $(GO) test -race -count=1 ./...
+	cd examples/go && test -z "$$(gofmt -l .)" && $(GO) vet ./... && \
+	  $(GO) build -o $(CURDIR)/$(BIND_BUILD)/example-go .
+	$(BIND_BUILD)/example-go tests/fixtures/tiny-sd15 "a lighthouse" $(BIND_BUILD)/go.png $(LORA_15_B)
+
+csharp-test: bindings-ref
+	@missing=""; for t in mcs:mono-mcs mono:mono-runtime; do \
+	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; $(BIND_APT) $$missing; fi
+	@mkdir -p $(BIND_BUILD)/csharp
+	$(MCS) -target:library -out:$(BIND_BUILD)/csharp/SpoRuntime.dll bindings/csharp/*.cs
+	$(MCS) -r:$(BIND_BUILD)/csharp/SpoRuntime.dll -r:System.Core.dll -out:$(BIND_BUILD)/csharp/Tests.exe tests/bindings/csharp/Tests.cs
+	$(MCS) -r:$(BIND_BUILD)/csharp/SpoRuntime.dll -out:$(BIND_BUILD)/csharp/Txt2Img.exe examples/csharp/Txt2Img.cs
+	LD_LIBRARY_PATH=$(LIBDIR) mono --debug $(BIND_BUILD)/csharp/Tests.exe $(CURDIR) $(BIND_CASE) $(BIND_BUILD)
+	LD_LIBRARY_PATH=$(LIBDIR) mono $(BIND_BUILD)/csharp/Txt2Img.exe tests/fixtures/tiny-sd15 "a lighthouse" \
+	  $(BIND_BUILD)/csharp.ppm $(LORA_15_B)
+
+# The host loads the library with dlopen: it is built without -lspo_runtime.
+$(BIND_BUILD)/engine-host: examples/engine-host/host.c include/spo_runtime.h
+	@mkdir -p $(BIND_BUILD)
+	$(CC) $(CFLAGS) $< -o $@ -ldl -lm
+
+engine-host-test: $(BIND_BUILD)/engine-host build
+	@! readelf -d $< | grep -q spo_runtime || { echo "engine-host must not link libspo_runtime"; exit 1; }
+	$(VALGRIND) $< $(LIBDIR)/libspo_runtime.so tests/fixtures/tiny-sd15 $(BIND_BUILD)/preview.pgm
+	@head -c 2 $(BIND_BUILD)/preview.pgm | grep -q P5 || { echo "engine-host did not write a PGM"; exit 1; }
+## End of the bindings block ---------------------------------------------------------------
 
 ## Maintenance --------------------------------------------------------------------
 # Regenerates include/spo_runtime.h from src/ffi (commit the result).

@@ -1,0 +1,63 @@
+// One SafeHandle subclass per C handle type: the runtime frees each exactly
+// once (Dispose, or the finalizer as a safety net) and never while a P/Invoke
+// call is using it.
+using System;
+using System.Runtime.InteropServices;
+
+namespace Spo
+{
+    internal abstract class SpoHandle : SafeHandle
+    {
+        protected SpoHandle() : base(IntPtr.Zero, true) { }
+        public override bool IsInvalid { get { return handle == IntPtr.Zero; } }
+    }
+
+    internal sealed class ErrorHandle : SpoHandle
+    {
+        protected override bool ReleaseHandle() { Native.spo_error_free(handle); return true; }
+    }
+
+    internal sealed class StringHandle : SpoHandle
+    {
+        protected override bool ReleaseHandle() { Native.spo_string_free(handle); return true; }
+    }
+
+    internal sealed class OptionsHandle : SpoHandle
+    {
+        protected override bool ReleaseHandle() { Native.spo_options_free(handle); return true; }
+    }
+
+    internal sealed class RuntimeHandle : SpoHandle
+    {
+        protected override bool ReleaseHandle() { Native.spo_runtime_free(handle); return true; }
+    }
+
+    internal sealed class PipelineHandle : SpoHandle
+    {
+        protected override bool ReleaseHandle() { Native.spo_pipeline_free(handle); return true; }
+    }
+
+    internal sealed class LoraHandle : SpoHandle
+    {
+        protected override bool ReleaseHandle() { Native.spo_lora_free(handle); return true; }
+    }
+
+    internal sealed class ImagesHandle : SpoHandle
+    {
+        protected override bool ReleaseHandle() { Native.spo_images_free(handle); return true; }
+    }
+
+    internal sealed class JobHandle : SpoHandle
+    {
+        // The progress delegate lives as long as the native job that may call
+        // it: the marshaller keeps this handle alive during every call.
+        internal NativeProgress Progress;
+
+        protected override bool ReleaseHandle()
+        {
+            Native.spo_job_free(handle);
+            Progress = null;
+            return true;
+        }
+    }
+}

@@ -1,0 +1,103 @@
+// P/Invoke declarations of include/spo_runtime.h. Every handle crosses as a
+// SafeHandle subclass, so a call in flight keeps its handle alive and a
+// handle is freed exactly once. Strings cross as NUL-terminated UTF-8 bytes.
+using System;
+using System.Runtime.InteropServices;
+
+namespace Spo
+{
+    [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+    internal delegate int NativeProgress(IntPtr userData, uint done, uint total);
+
+    [StructLayout(LayoutKind.Sequential)]
+    internal struct NativeJobStatus
+    {
+        public uint Done;
+        public uint Total;
+        public int Finished;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    internal struct NativeImage
+    {
+        public uint Width;
+        public uint Height;
+        public uint Stride;
+        public IntPtr Data;
+    }
+
+    internal static class Native
+    {
+        private const string Lib = "spo_runtime";
+        // SPO_ABI_VERSION of the header these declarations follow.
+        internal const uint AbiVersion = 1;
+
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern IntPtr spo_version();
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern uint spo_abi_version();
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern void spo_string_free(IntPtr s);
+
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern uint spo_error_code(ErrorHandle error);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern IntPtr spo_error_message(ErrorHandle error);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern void spo_error_free(IntPtr error);
+
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_options_create(out OptionsHandle options);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_options_set(OptionsHandle options, byte[] key, byte[] value);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern void spo_options_free(IntPtr options);
+
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_runtime_create(uint abi, OptionsHandle options, out RuntimeHandle runtime);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_runtime_info(RuntimeHandle runtime, byte[] key, out StringHandle value);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern void spo_runtime_free(IntPtr runtime);
+
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_pipeline_load(RuntimeHandle runtime, byte[] dir, OptionsHandle options, out PipelineHandle pipeline);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_pipeline_info(PipelineHandle pipeline, byte[] key, out StringHandle value);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_pipeline_set_loras(PipelineHandle pipeline, IntPtr[] loras, float[] multipliers, UIntPtr n, int mode);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern void spo_pipeline_free(IntPtr pipeline);
+
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_lora_load(RuntimeHandle runtime, byte[] path, out LoraHandle lora);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_lora_info(LoraHandle lora, byte[] key, out StringHandle value);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern void spo_lora_free(IntPtr lora);
+
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_job_create(PipelineHandle pipeline, OptionsHandle options, out JobHandle job);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_job_set_progress_callback(JobHandle job, NativeProgress callback, IntPtr userData);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_job_step(JobHandle job, out NativeJobStatus status);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_job_run(JobHandle job);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern void spo_job_cancel(JobHandle job);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_job_preview(JobHandle job, float[] data, UIntPtr capacity, UIntPtr[] shape, out uint step);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_job_take_images(JobHandle job, out ImagesHandle images);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern void spo_job_free(IntPtr job);
+
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern UIntPtr spo_images_count(ImagesHandle images);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_images_get(ImagesHandle images, UIntPtr index, out NativeImage image);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern void spo_images_free(IntPtr images);
+    }
+}

@@ -1,0 +1,3 @@
+module spo-runtime/spo
+
+go 1.19

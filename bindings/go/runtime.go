@@ -1,0 +1,63 @@
+package spo
+
+// #include <stdlib.h>
+// #include "spo_runtime.h"
+import "C"
+
+import (
+	"runtime"
+	"unsafe"
+)
+
+// Runtime is a loaded ONNX Runtime with its execution providers. Share it
+// between goroutines; pipelines keep what they need of it after its Close.
+type Runtime struct{ h *handle }
+
+// NewRuntime creates a runtime (runtime keys such as "ep", "threads.intra",
+// "limits.*"; nil for the defaults).
+func NewRuntime(opts Options) (*Runtime, error) {
+	var rt *C.spo_runtime
+	err := withOptions(opts, func(o *C.spo_options) error {
+		return takeError(C.spo_runtime_create(C.SPO_ABI_VERSION, o, &rt))
+	})
+	if err != nil {
+		return nil, err
+	}
+	r := &Runtime{h: newHandle("runtime", unsafe.Pointer(rt))}
+	runtime.SetFinalizer(r, (*Runtime).Close)
+	return r, nil
+}
+
+// Info answers "version", "ort.version", "ep.active" and the other keys of
+// spo_runtime_info.
+func (r *Runtime) Info(key string) (string, error) {
+	return askInfo(r.h, key, func(p unsafe.Pointer, k *C.char, out **C.char) *C.spo_error {
+		return C.spo_runtime_info((*C.spo_runtime)(p), k, out)
+	})
+}
+
+// Close frees the runtime handle. It always returns nil.
+func (r *Runtime) Close() error {
+	r.h.close(nil, func(p unsafe.Pointer) { C.spo_runtime_free((*C.spo_runtime)(p)) })
+	runtime.SetFinalizer(r, nil)
+	return nil
+}
+
+// askInfo runs one of the spo_*_info calls on a guarded handle.
+func askInfo(h *handle, key string, call func(unsafe.Pointer, *C.char, **C.char) *C.spo_error) (string, error) {
+	p, err := h.acquire()
+	if err != nil {
+		return "", err
+	}
+	defer h.release()
+	ck, err := cString("info key", key)
+	if err != nil {
+		return "", err
+	}
+	defer C.free(unsafe.Pointer(ck))
+	var out *C.char
+	if err := takeError(call(p, ck, &out)); err != nil {
+		return "", err
+	}
+	return takeString(out), nil
+}
