@@ -25,7 +25,7 @@ DIST_NAME := spo-runtime-$(VERSION)-linux-$(shell uname -m)
 DIST_TARBALL := $(CURDIR)/out/$(DIST_NAME).tar.gz
 C_TESTS := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/*.c))
 
-.PHONY: all demo test setup apt ort build lint rust-test c-test py-test symbols header clean broken-models examples bench \
+.PHONY: all demo spo-demo test setup apt ort build lint rust-test c-test py-test symbols header clean broken-models examples bench \
 	install dist package-test
 
 all: build
@@ -57,6 +57,13 @@ demo: setup build
 	$(LIBDIR)/spo generate --model models/shapes-sdxl --prompt "a red circle on a blue background" \
 	  --steps 25 --guidance 5 --scheduler ddim --seed 42 --width 128 --height 128 --out out/demo.png
 	@echo "demo: wrote out/demo.png"
+
+# SPO on the shapes model with its size preference model (a few CPU minutes):
+# trains a LoRA with `spo train --preset toy`, then scores captions and seeds
+# that training never saw, with and without it; writes a before/after grid.
+spo-demo: setup build
+	@venv=$$(bash scripts/python-env.sh) && PYTHONPATH=onnx $$venv/bin/python -m spo_onnx.shapes.toy_world \
+	  --work out/spo-demo --grid out/spo-demo.png
 
 # C samples, built against the committed header and run once by `make test`.
 EXAMPLES := $(patsubst examples/c/%.c,tests/c/build/example-%,$(wildcard examples/c/*.c))
