@@ -5,6 +5,7 @@ pub mod denoise;
 pub mod image;
 pub mod job;
 pub mod lora;
+pub mod npy;
 pub mod preview;
 pub mod resident;
 pub mod rng;

@@ -203,9 +203,7 @@ fn runtime(args: &RuntimeArgs) -> Result<Runtime> {
 }
 
 fn read_npy(path: &Path) -> Result<ArrayD<f32>> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    <ArrayD<f32> as ndarray_npy::ReadNpyExt>::read_npy(f)
-        .map_err(|e| Error::invalid_file(format!("{}: not a float32 .npy: {e}", path.display())))
+    spo_runtime::pipeline::npy::read(path)
 }
 
 fn generate(g: Generate) -> Result<()> {
