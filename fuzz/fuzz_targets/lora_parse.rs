@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use spo_runtime::lora::{format::LoraKind, merge, resolve::check_shape, LoraFile};
 use spo_runtime::lora::WeightLayout;
+use spo_runtime::lora::{format::LoraKind, merge, resolve::check_shape, LoraFile};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(file) = LoraFile::from_bytes(data, Path::new("fuzz.safetensors"), None) else {
@@ -28,7 +28,11 @@ fuzz_target!(|data: &[u8]| {
         }
         if check_shape(m, &shape).is_ok() {
             let mut w = vec![0.5f32; shape.iter().product()];
-            let layout = if shape.len() == 4 { WeightLayout::ConvOIHW } else { WeightLayout::LinearOutIn };
+            let layout = if shape.len() == 4 {
+                WeightLayout::ConvOIHW
+            } else {
+                WeightLayout::LinearOutIn
+            };
             let _ = merge::merge_into(&mut w, &shape, layout, m, 1.0);
         }
     }

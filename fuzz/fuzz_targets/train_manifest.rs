@@ -11,7 +11,11 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(m) = TrainManifest::from_json(text) {
         let _ = m.output_shape();
-        let total: usize = m.params.iter().map(|p| p.shape.iter().product::<usize>()).sum();
+        let total: usize = m
+            .params
+            .iter()
+            .map(|p| p.shape.iter().product::<usize>())
+            .sum();
         assert!(total <= 1 << 30);
     }
 });

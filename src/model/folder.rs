@@ -41,10 +41,13 @@ pub struct ModelFolder {
     pub vae_force_upcast: bool,
 }
 
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::invalid_model(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text)
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Error::invalid_model(format!("{}: {e}", path.display())))
+}
+
+fn parse_json(text: &str, path: &Path) -> Result<Value> {
+    serde_json::from_str(text)
         .map_err(|e| Error::invalid_model(format!("{}: invalid JSON: {e}", path.display())))
 }
 
@@ -58,7 +61,27 @@ impl ModelFolder {
             )));
         }
         let index_path = dir.join("model_index.json");
-        let index = read_json(&index_path)?;
+        let index_text = read_text(&index_path)?;
+        let vae_path = ["vae_decoder/config.json", "vae/config.json"]
+            .iter()
+            .map(|p| dir.join(p))
+            .find(|p| p.is_file());
+        let vae_text = vae_path.as_deref().map(read_text).transpose()?;
+        let vae = vae_path.as_deref().zip(vae_text.as_deref());
+        Self::from_configs(dir, &index_text, vae)
+    }
+
+    /// [`open`](Self::open) on config texts already read: `index` is
+    /// `model_index.json`, `vae` the VAE config's path and text. Public for the
+    /// fuzz targets.
+    #[doc(hidden)]
+    pub fn from_configs(
+        dir: &Path,
+        index: &str,
+        vae: Option<(&Path, &str)>,
+    ) -> Result<ModelFolder> {
+        let index_path = dir.join("model_index.json");
+        let index = parse_json(index, &index_path)?;
         let class = index
             .get("_class_name")
             .and_then(Value::as_str)
@@ -78,12 +101,7 @@ impl ModelFolder {
             .get("force_zeros_for_empty_prompt")
             .and_then(Value::as_bool)
             .unwrap_or(kind == ModelKind::Sdxl);
-        let vae_cfg = ["vae_decoder/config.json", "vae/config.json"]
-            .iter()
-            .map(|p| dir.join(p))
-            .find(|p| p.is_file())
-            .map(|p| read_json(&p))
-            .transpose()?;
+        let vae_cfg = vae.map(|(p, text)| parse_json(text, p)).transpose()?;
         let get = |k: &str| {
             vae_cfg
                 .as_ref()

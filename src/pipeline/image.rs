@@ -2,6 +2,8 @@
 //! files. Conversions follow diffusers (`(x / 2 + 0.5).clamp(0, 1)`, then
 //! `round(x * 255)`).
 
+use std::fs::File;
+use std::io::{BufRead, BufReader, Seek};
 use std::path::Path;
 
 use ndarray::{ArrayD, IxDyn};
@@ -86,30 +88,14 @@ impl Image {
         limits: &Limits,
         expect: Option<(usize, usize)>,
     ) -> Result<Image> {
-        let mut reader = open_png(path, limits, expect)?;
-        let bad = |e: &dyn std::fmt::Display| {
-            Error::invalid_file(format!("{}: not a readable PNG: {e}", path.display()))
-        };
-        let size = reader
-            .output_buffer_size()
-            .ok_or_else(|| bad(&"image too large"))?;
-        let mut buf = memory::filled(size, 0u8, &format!("PNG {}", path.display()))?;
-        let info = reader.next_frame(&mut buf).map_err(|e| bad(&e))?;
-        let (w, h) = (info.width as usize, info.height as usize);
-        let px = &buf[..info.buffer_size()];
-        let channels = info.color_type.samples();
-        let mut rgb = memory::with_capacity(w * h * 3, &format!("image {}", path.display()))?;
-        for p in px.chunks_exact(channels) {
-            match channels {
-                1 | 2 => rgb.extend_from_slice(&[p[0], p[0], p[0]]),
-                _ => rgb.extend_from_slice(&p[..3]),
-            }
-        }
-        Ok(Image {
-            width: w,
-            height: h,
-            rgb,
-        })
+        decode(open_png(path, limits, expect)?, path)
+    }
+
+    /// [`read_png`](Self::read_png) on an open stream, within the default
+    /// [`Limits`]; `path` only names it in errors. Public for the fuzz target.
+    #[doc(hidden)]
+    pub fn decode_png(stream: impl BufRead + Seek, path: &Path) -> Result<Image> {
+        decode(png_header(stream, path, &Limits::default(), None)?, path)
     }
 
     /// Writes the image as an RGB8 PNG.
@@ -129,14 +115,26 @@ impl Image {
     }
 }
 
-type PngReader = png::Reader<std::io::BufReader<std::fs::File>>;
-
-/// Opens a PNG and reads its header; its size is checked against `limits`
-/// and `expect` before a pixel is decoded.
-fn open_png(path: &Path, limits: &Limits, expect: Option<(usize, usize)>) -> Result<PngReader> {
+/// Opens a PNG file and reads its header; its size is checked against
+/// `limits` and `expect` before a pixel is decoded.
+fn open_png(
+    path: &Path,
+    limits: &Limits,
+    expect: Option<(usize, usize)>,
+) -> Result<png::Reader<BufReader<File>>> {
     limits.check_file(path)?;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    png_header(BufReader::new(file), path, limits, expect)
+}
+
+/// Reads a PNG header from `stream` and checks its size.
+fn png_header<R: BufRead + Seek>(
+    stream: R,
+    path: &Path,
+    limits: &Limits,
+    expect: Option<(usize, usize)>,
+) -> Result<png::Reader<R>> {
+    let mut decoder = png::Decoder::new(stream);
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let reader = decoder
         .read_info()
@@ -152,4 +150,82 @@ fn open_png(path: &Path, limits: &Limits, expect: Option<(usize, usize)>) -> Res
         }
     }
     Ok(reader)
+}
+/// Decodes the pixels of a PNG whose header was checked, into RGB8.
+fn decode<R: BufRead + Seek>(mut reader: png::Reader<R>, path: &Path) -> Result<Image> {
+    let bad = |e: &dyn std::fmt::Display| {
+        Error::invalid_file(format!("{}: not a readable PNG: {e}", path.display()))
+    };
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| bad(&"image too large"))?;
+    let mut buf = memory::filled(size, 0u8, &format!("PNG {}", path.display()))?;
+    let info = reader.next_frame(&mut buf).map_err(|e| bad(&e))?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let px = &buf[..info.buffer_size()];
+    let channels = info.color_type.samples();
+    let mut rgb = memory::with_capacity(w * h * 3, &format!("image {}", path.display()))?;
+    for p in px.chunks_exact(channels) {
+        match channels {
+            1 | 2 => rgb.extend_from_slice(&[p[0], p[0], p[0]]),
+            _ => rgb.extend_from_slice(&p[..3]),
+        }
+    }
+    Ok(Image {
+        width: w,
+        height: h,
+        rgb,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 1x1 RGB PNG whose IHDR was rewritten (CRC fixed) to claim
+    /// 100000x100000 pixels: the png_image fuzz target's find, which made the
+    /// reader allocate a 30 GB buffer and abort.
+    const HUGE_HEADER: [u8; 69] = [
+        0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44,
+        0x52, 0x00, 0x01, 0x86, 0xa0, 0x00, 0x01, 0x86, 0xa0, 0x08, 0x02, 0x00, 0x00, 0x00, 0x27,
+        0x30, 0x9c, 0x9f, 0x00, 0x00, 0x00, 0x0c, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0x60,
+        0x60, 0x60, 0x00, 0x00, 0x00, 0x04, 0x00, 0x01, 0xf6, 0x17, 0x38, 0x55, 0x00, 0x00, 0x00,
+        0x00, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
+    ];
+
+    #[test]
+    fn huge_header_is_refused_before_allocating() {
+        let err = Image::decode_png(std::io::Cursor::new(&HUGE_HEADER[..]), Path::new("in.png"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("in.png: width 100000") && err.contains("limits.max_side"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn longest_side_limit_is_inclusive() {
+        let dir = std::env::temp_dir().join(format!("spo-image-limit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let limits = Limits {
+            max_side: 64,
+            ..Limits::default()
+        };
+        for (w, ok) in [(64usize, true), (65, false)] {
+            let path = dir.join(format!("{w}.png"));
+            let img = Image {
+                width: w,
+                height: 1,
+                rgb: vec![7; w * 3],
+            };
+            img.write_png(&path).unwrap();
+            let read = Image::read_png_limited(&path, &limits, None);
+            assert_eq!(read.is_ok(), ok, "{w}: {read:?}");
+            if ok {
+                assert_eq!(read.unwrap(), img);
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -71,6 +71,11 @@ pub const SCHEDULER_NAMES: [&str; 6] = [
     "ddpm",
 ];
 
+/// The most training timesteps a config may state. Released models use 1000;
+/// the schedule tables are allocated at this length, so without a bound one
+/// number in a config could ask for gigabytes.
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 /// `scheduler_config.json` with diffusers' field names. Fields whose diffusers
 /// default differs between classes are `Option`s resolved by each scheduler;
 /// unknown fields (`_diffusers_version`, `skip_prk_steps`, ...) are ignored.
@@ -294,11 +299,11 @@ impl SchedulerConfig {
 
     /// Checks the settings every scheduler shares.
     pub fn validate(&self) -> Result<()> {
-        if self.num_train_timesteps < 2 {
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&self.num_train_timesteps) {
             return Err(bad_field(
                 "num_train_timesteps",
                 &self.num_train_timesteps.to_string(),
-                "at least 2",
+                &format!("2 to {MAX_TRAIN_TIMESTEPS}"),
             ));
         }
         self.beta_schedule()?;
@@ -677,4 +682,37 @@ pub(crate) fn require_noise<'a>(
     })?;
     check_len("noise", z.len(), len)?;
     Ok(z)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run through the scheduler_config fuzz target, this config made the
+    /// first scheduler built from it allocate 4 GB of beta tables and abort.
+    #[test]
+    fn huge_num_train_timesteps_is_refused() {
+        let err = SchedulerConfig::from_json_str(r#"{"num_train_timesteps": 1000000000}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("num_train_timesteps") && err.contains("1000000000"),
+            "{err}"
+        );
+        assert!(err.contains("100000"), "{err}");
+    }
+
+    #[test]
+    fn train_timesteps_limit_is_inclusive() {
+        let cfg = |n: usize| format!(r#"{{"num_train_timesteps": {n}}}"#);
+        let mut s = build_scheduler(
+            "euler",
+            &SchedulerConfig::from_json_str(&cfg(MAX_TRAIN_TIMESTEPS)).unwrap(),
+            0.0,
+        )
+        .unwrap();
+        s.set_timesteps(4).unwrap();
+        assert_eq!(s.timesteps().len(), 4);
+        assert!(SchedulerConfig::from_json_str(&cfg(MAX_TRAIN_TIMESTEPS + 1)).is_err());
+    }
 }

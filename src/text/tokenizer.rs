@@ -131,7 +131,14 @@ fn read_pad_token(path: &Path) -> Result<Option<String>> {
         return Ok(None);
     }
     let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
+    pad_token_of(&text, path)
+}
+
+/// The `pad_token` of a transformers config file's text; `path` only names it
+/// in errors. Public for the fuzz targets.
+#[doc(hidden)]
+pub fn pad_token_of(text: &str, path: &Path) -> Result<Option<String>> {
+    let v: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| Error::invalid_model(format!("{}: invalid JSON: {e}", path.display())))?;
     Ok(match v.get("pad_token") {
         Some(serde_json::Value::String(s)) => Some(s.clone()),
@@ -192,13 +199,24 @@ impl ClipTokenizer {
         pad_token: Option<&str>,
     ) -> Result<Self> {
         let vtext = fs::read_to_string(vocab_path).map_err(|e| Error::io(vocab_path, e))?;
-        let vocab: HashMap<String, u32> = serde_json::from_str(&vtext).map_err(|e| {
+        let mtext = fs::read_to_string(merges_path).map_err(|e| Error::io(merges_path, e))?;
+        Self::from_texts((vocab_path, &vtext), (merges_path, &mtext), pad_token)
+    }
+
+    /// [`from_files`](Self::from_files) on the files' texts, each with the path
+    /// that names it in errors. Public for the fuzz targets.
+    #[doc(hidden)]
+    pub fn from_texts(
+        (vocab_path, vtext): (&Path, &str),
+        (merges_path, mtext): (&Path, &str),
+        pad_token: Option<&str>,
+    ) -> Result<Self> {
+        let vocab: HashMap<String, u32> = serde_json::from_str(vtext).map_err(|e| {
             Error::invalid_model(format!(
                 "{}: not a JSON object of token -> id: {e}",
                 vocab_path.display()
             ))
         })?;
-        let mtext = fs::read_to_string(merges_path).map_err(|e| Error::io(merges_path, e))?;
         let mut merges = Vec::new();
         for (i, line) in mtext.lines().enumerate() {
             let line = line.trim_end_matches('\r');
@@ -212,10 +230,21 @@ impl ClipTokenizer {
 
     /// Loads the BPE model of a `tokenizer.json` (the `tokenizers` library format).
     pub fn from_tokenizer_json(path: &Path, pad_token: Option<&str>) -> Result<Self> {
-        let bad = |m: &str| Error::invalid_model(format!("{}: {m}", path.display()));
         let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_tokenizer_json_text(&text, path, pad_token)
+    }
+
+    /// [`from_tokenizer_json`](Self::from_tokenizer_json) on the file's text;
+    /// `path` only names it in errors. Public for the fuzz targets.
+    #[doc(hidden)]
+    pub fn from_tokenizer_json_text(
+        text: &str,
+        path: &Path,
+        pad_token: Option<&str>,
+    ) -> Result<Self> {
+        let bad = |m: &str| Error::invalid_model(format!("{}: {m}", path.display()));
         let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
+            serde_json::from_str(text).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
         let model = v.get("model").ok_or_else(|| bad("no \"model\" key"))?;
         let vocab: HashMap<String, u32> = serde_json::from_value(
             model
