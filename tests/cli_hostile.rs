@@ -328,3 +328,72 @@ fn hostile_models_and_loras_fail_cleanly() {
     let err = spo_fails(&inspect(&dup), &s.0);
     assert!(err.contains(KEY) && err.contains(ALIAS), "{err}");
 }
+
+/// A 1x1 RGB PNG whose header (CRC fixed) claims 100000x100000 pixels: a
+/// 69-byte file that asks a naive decoder for 30 GB.
+const HUGE_PNG: [u8; 69] = [
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x01, 0x86, 0xa0, 0x00, 0x01, 0x86, 0xa0, 0x08, 0x02, 0x00, 0x00, 0x00, 0x27, 0x30, 0x9c,
+    0x9f, 0x00, 0x00, 0x00, 0x0c, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0x60, 0x60, 0x60, 0x00,
+    0x00, 0x00, 0x04, 0x00, 0x01, 0xf6, 0x17, 0x38, 0x55, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e,
+    0x44, 0xae, 0x42, 0x60, 0x82,
+];
+
+/// The sizes, files and thread counts that used to abort or hang the process
+/// (Rust's out-of-memory abort is exit 134) are refused before any
+/// allocation, within the 4 GiB address-space limit, naming value and option.
+#[test]
+fn oversized_requests_are_refused_before_allocating() {
+    let s = Scratch::new("limits");
+    let png = s.path("huge.png");
+    std::fs::write(&png, HUGE_PNG).unwrap();
+    // A .npy header that claims (100000, 100000, 4, 8) float32 (1.28 TB) over 1 KB.
+    let npy = s.path("lie.npy");
+    let dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (100000, 100000, 4, 8), }";
+    let mut bytes = b"\x93NUMPY\x01\x00\x76\x00".to_vec();
+    bytes.extend_from_slice(format!("{dict:<117}\n").as_bytes());
+    bytes.extend_from_slice(&[0u8; 1024]);
+    std::fs::write(&npy, bytes).unwrap();
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["--width", "100000", "--height", "100000"],
+            vec!["100000", "limits.max_side"],
+        ),
+        (
+            vec!["--width", "4294967288", "--height", "4294967288"],
+            vec!["4294967288", "limits.max_side"],
+        ),
+        (
+            vec!["--width", "8192", "--height", "16384"],
+            vec!["134217728 pixels", "limits.max_pixels"],
+        ),
+        (
+            vec!["--num-images", "100000"],
+            vec!["100000", "limits.max_batch"],
+        ),
+        (
+            vec!["--steps", "1000000"],
+            vec!["1000000", "limits.max_steps"],
+        ),
+        (
+            vec!["--init-image", &png, "--strength", "0.5"],
+            vec!["huge.png", "100000", "limits.max_side"],
+        ),
+        (vec!["--init-latents", &npy], vec!["lie.npy"]),
+        (vec!["--noise", &npy], vec!["lie.npy"]),
+        (
+            vec!["--lora", "/dev/zero"],
+            vec!["/dev/zero", "not a regular file"],
+        ),
+        (
+            vec!["--threads", "1000000"],
+            vec!["1000000", "limits.max_threads"],
+        ),
+    ];
+    for (extra, want) in &cases {
+        let err = spo_fails(&generate("tiny-sd15", extra), &s.0);
+        for w in want {
+            assert!(err.contains(w), "{extra:?}: '{w}' not in:\n{err}");
+        }
+    }
+}

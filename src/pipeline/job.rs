@@ -37,21 +37,12 @@ fn check_request(limits: &Limits, spec: &JobSpec, w: usize, h: usize) -> Result<
         limits.max_steps,
         limits::MAX_STEPS,
     )?;
-    if spec.steps == 0 {
-        return Err(Error::new(
-            ErrorCode::InvalidOptionValue,
-            "option 'steps': 0 is not a number of steps; use 1 or more",
-        ));
-    }
-    let b = spec.num_images as u64;
-    limits::check("num_images", b, limits.max_batch, limits::MAX_BATCH)?;
-    if b == 0 {
-        return Err(Error::new(
-            ErrorCode::InvalidOptionValue,
-            "option 'num_images': 0 images; use 1 or more",
-        ));
-    }
-    Ok(())
+    limits::check(
+        "num_images",
+        spec.num_images as u64,
+        limits.max_batch,
+        limits::MAX_BATCH,
+    )
 }
 
 /// Where a job stands after a step.
