@@ -522,9 +522,9 @@ impl Job {
             spec.long_prompt,
         )?;
         let batch = |f: &dyn Fn(&PromptEmbeds) -> ArrayD<f32>| -> Result<ArrayD<f32>> {
-            let p = repeat_batch(&f(&pos), b);
+            let p = repeat_batch(&f(&pos), b)?;
             match &neg {
-                Some(n) => denoise::cat_batch(&[&repeat_batch(&f(n), b), &p]),
+                Some(n) => denoise::cat_batch(&[&repeat_batch(&f(n), b)?, &p]),
                 None => Ok(p),
             }
         };
@@ -582,9 +582,10 @@ impl Job {
                     &self.cancel.run_options,
                 )?;
                 let f = &inner.folder;
-                let init = repeat_batch(&mean, b)
-                    .mapv(|v| ((v as f64 - f.vae_shift_factor) * f.vae_scaling_factor) as f32);
-                let init = init.as_standard_layout();
+                let mut init = repeat_batch(&mean, b)?;
+                init.mapv_inplace(|v| {
+                    ((v as f64 - f.vae_shift_factor) * f.vae_scaling_factor) as f32
+                });
                 self.scheduler.add_noise(
                     init.as_slice().expect("contiguous"),
                     &noise,
