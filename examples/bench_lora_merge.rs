@@ -231,7 +231,7 @@ fn main() {
         let t = Instant::now();
         let mut total = 0usize;
         for w in &weights {
-            let h = merge::to_f16_clamped(w);
+            let h = merge::to_f16_clamped(w).expect("cast");
             total += h.len();
             sink += h[0].to_f32();
         }

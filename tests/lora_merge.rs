@@ -208,7 +208,7 @@ fn unmatched_keys_are_reported() {
 
 #[test]
 fn f16_cast_clamps() {
-    let v = merge::to_f16_clamped(&[1e6, -1e6, 1.5, f32::NAN]);
+    let v = merge::to_f16_clamped(&[1e6, -1e6, 1.5, f32::NAN]).unwrap();
     assert_eq!(v[0].to_f32(), 65504.0);
     assert_eq!(v[1].to_f32(), -65504.0);
     assert_eq!(v[2].to_f32(), 1.5);
@@ -229,6 +229,7 @@ fn fp16_model_gets_f16_overrides() {
             t.external_data.clear();
             t.data_location = 0;
             t.raw_data = merge::to_f16_clamped(&v)
+                .unwrap()
                 .iter()
                 .flat_map(|h| h.to_le_bytes())
                 .collect();

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::memory;
 
 /// A dense f32 tensor.
 #[derive(Debug, Clone, PartialEq)]
@@ -406,9 +407,8 @@ impl LoraFile {
                 Family::Diffusers
             });
             families[fam as usize] = true;
-            let t = to_f32(&view, part == Part::Alpha).map_err(|why| {
-                Error::invalid_lora(format!("{file}: tensor '{key}' {shape:?}: {why}"))
-            })?;
+            let t = to_f32(&view, part == Part::Alpha)
+                .map_err(|e| e.context(format!("{file}: tensor '{key}' {shape:?}")))?;
             let g = groups.entry(stem).or_default();
             if g.insert(part, (key.clone(), t)).is_some() {
                 return Err(Error::invalid_lora(format!(
@@ -453,58 +453,42 @@ fn is_sgm_stem(k: &str) -> bool {
         .any(|s| k.contains(s))
 }
 
-fn to_f32(
-    view: &safetensors::tensor::TensorView<'_>,
-    allow_int: bool,
-) -> std::result::Result<Tensor, String> {
+/// A safetensors tensor as f32 (half and integer types widened: an f16 LoRA
+/// doubles in size here, so the buffer is allocated fallibly).
+fn to_f32(view: &safetensors::tensor::TensorView<'_>, allow_int: bool) -> Result<Tensor> {
     let shape = view.shape().to_vec();
     let n = shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or("element count overflows")?;
-    let b = view.data();
-    let (size, data): (usize, Vec<f32>) = match view.dtype() {
-        Dtype::F32 => (
-            4,
-            b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
-        Dtype::F16 => (
-            2,
-            b.chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        ),
-        Dtype::BF16 => (
-            2,
-            b.chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        ),
-        Dtype::F64 => (
-            8,
-            b.chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-                .collect(),
-        ),
-        Dtype::I64 if allow_int => (
-            8,
-            b.chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-                .collect(),
-        ),
-        Dtype::I32 if allow_int => (
-            4,
-            b.chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
-                .collect(),
-        ),
-        other => return Err(format!("unsupported dtype {other:?}")),
+        .ok_or_else(|| Error::invalid_lora("element count overflows"))?;
+    let size = match view.dtype() {
+        Dtype::F32 | Dtype::I32 => 4,
+        Dtype::F16 | Dtype::BF16 => 2,
+        Dtype::F64 | Dtype::I64 => 8,
+        _ => 0,
     };
-    if n.checked_mul(size) != Some(b.len()) || data.len() != n {
-        return Err(format!("{} data bytes for {n} elements", b.len()));
+    let b = view.data();
+    if size > 0 && n.checked_mul(size) != Some(b.len()) {
+        return Err(Error::invalid_lora(format!(
+            "{} data bytes for {n} elements",
+            b.len()
+        )));
     }
+    fn widen<const N: usize>(b: &[u8], n: usize, f: impl Fn([u8; N]) -> f32) -> Result<Vec<f32>> {
+        let values = b.chunks_exact(N).map(|c| f(c.try_into().expect("N bytes")));
+        memory::collect(n, values, "the LoRA tensor as f32")
+    }
+    let data = match view.dtype() {
+        Dtype::F32 => widen(b, n, f32::from_le_bytes)?,
+        Dtype::F16 => widen(b, n, |c| half::f16::from_le_bytes(c).to_f32())?,
+        Dtype::BF16 => widen(b, n, |c| half::bf16::from_le_bytes(c).to_f32())?,
+        Dtype::F64 => widen(b, n, |c| f64::from_le_bytes(c) as f32)?,
+        Dtype::I64 if allow_int => widen(b, n, |c| i64::from_le_bytes(c) as f32)?,
+        Dtype::I32 if allow_int => widen(b, n, |c| i32::from_le_bytes(c) as f32)?,
+        other => {
+            return Err(Error::invalid_lora(format!("unsupported dtype {other:?}")));
+        }
+    };
     Ok(Tensor { shape, data })
 }
 

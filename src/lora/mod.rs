@@ -159,9 +159,9 @@ pub fn merged_overrides(
             .expect("matched initializer has a target");
         let (dims, mut w) = g.read_f32(&init)?;
         for (module, mult, path, key) in mods {
-            merge::merge_into(&mut w, &dims, t.layout, module, mult).map_err(|why| {
-                Error::invalid_lora(format!(
-                    "{}: module '{key}' into {comp} initializer '{init}' {dims:?}: {why}",
+            merge::merge_into(&mut w, &dims, t.layout, module, mult).map_err(|e| {
+                e.context(format!(
+                    "{}: module '{key}' into {comp} initializer '{init}' {dims:?}",
                     path.display()
                 ))
             })?;
@@ -171,8 +171,8 @@ pub fn merged_overrides(
             .map(|t| t.data_type)
             .unwrap_or(data_type::FLOAT);
         let data = match dt {
-            data_type::FLOAT16 => OverrideData::F16(merge::to_f16_clamped(&w)),
-            data_type::BFLOAT16 => OverrideData::BF16(merge::to_bf16(&w)),
+            data_type::FLOAT16 => OverrideData::F16(merge::to_f16_clamped(&w)?),
+            data_type::BFLOAT16 => OverrideData::BF16(merge::to_bf16(&w)?),
             _ => OverrideData::F32(w),
         };
         overrides.insert(

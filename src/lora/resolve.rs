@@ -181,11 +181,13 @@ pub fn check_shape(m: &LoraModule, torch: &[usize]) -> std::result::Result<(), S
                 return bad(o, format!("{i}, kernel {k:?}"));
             }
         }
+        // The delta itself is the check (its allocation failing, too, is
+        // reported as the reason; the merge would fail the same way).
         (LoraKind::LoKr { .. }, None) => {
-            super::merge::delta(m, torch)?;
+            super::merge::delta(m, torch).map_err(|e| e.message)?;
         }
         _ => {
-            super::merge::delta(m, torch)?;
+            super::merge::delta(m, torch).map_err(|e| e.message)?;
         }
     }
     if let Some(d) = &m.dora_scale {

@@ -2,10 +2,11 @@
 //! (as one batch-2B call, or row by row when the graph fixes batch 1), the
 //! optional guidance rescale, and the VAE calls.
 
-use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
+use ndarray::{s, ArrayD, Axis, IxDyn};
 use ort::session::RunOptions;
 
 use crate::error::{Error, Result};
+use crate::memory;
 use crate::runtime::session::{Binding, DType, Graph, Input};
 
 /// Everything the UNet takes besides the latents and the timestep, already
@@ -54,17 +55,17 @@ impl Conditioning {
     }
 }
 
-/// Repeats `x` (shape [1, ...]) `n` times along the batch axis.
-pub fn repeat_batch(x: &ArrayD<f32>, n: usize) -> ArrayD<f32> {
-    let views: Vec<_> = (0..n).map(|_| x.view()).collect();
-    concatenate(Axis(0), &views).expect("same shapes")
+/// Repeats `x` (shape [1, ...]) `n` times along the batch axis. The batch
+/// holds `n` copies, so it is allocated fallibly (`OutOfMemory`).
+pub fn repeat_batch(x: &ArrayD<f32>, n: usize) -> Result<ArrayD<f32>> {
+    let views = vec![x.view(); n];
+    memory::concat(0, &views, "a batch of tensors")
 }
 
-/// Stacks along the batch axis.
+/// Stacks along the batch axis, into a fallibly allocated batch.
 pub fn cat_batch(parts: &[&ArrayD<f32>]) -> Result<ArrayD<f32>> {
     let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-    concatenate(Axis(0), &views)
-        .map_err(|e| Error::invalid_model(format!("cannot batch tensors: {e}")))
+    memory::concat(0, &views, "a batch of tensors")
 }
 
 pub(crate) fn timestep_input(unet: &Graph, t: f64, batch: usize) -> Result<Input> {
@@ -118,14 +119,16 @@ pub fn predict_noise(
                 let mut parts = Vec::new();
                 for start in (0..rows).step_by(fb) {
                     let r = start..start + fb;
-                    let sl = |a: &ArrayD<f32>| a.slice_axis(Axis(0), r.clone().into()).to_owned();
+                    let sl = |a: &ArrayD<f32>| {
+                        memory::to_owned(a.slice_axis(Axis(0), r.clone().into()), "a batch row")
+                    };
                     parts.push(unet_call(
                         unet,
-                        sl(&sample),
+                        sl(&sample)?,
                         t,
-                        sl(&cond.encoder_hidden_states),
-                        cond.text_embeds.as_ref().map(sl),
-                        cond.time_ids.as_ref().map(sl),
+                        sl(&cond.encoder_hidden_states)?,
+                        cond.text_embeds.as_ref().map(sl).transpose()?,
+                        cond.time_ids.as_ref().map(sl).transpose()?,
                         &cond.lora_slots,
                         run_options,
                     )?);
@@ -150,9 +153,11 @@ pub fn predict_noise(
     let uncond = out.slice_axis(Axis(0), (0..b).into());
     let text = out.slice_axis(Axis(0), (b..2 * b).into());
     let g = guidance as f32;
-    let mut guided = &uncond + &((&text - &uncond) * g);
+    // uncond + (text - uncond) * g, written over a fallible copy of text.
+    let mut guided = memory::to_owned(text.view(), "the guided noise prediction")?;
+    guided.zip_mut_with(&uncond, |t, &u| *t = u + (*t - u) * g);
     if guidance_rescale > 0.0 {
-        rescale(&mut guided, &text.to_owned(), guidance_rescale);
+        rescale(&mut guided, &text, guidance_rescale);
     }
     Ok(guided)
 }
@@ -190,7 +195,7 @@ fn unet_call(
 
 /// diffusers' `rescale_noise_cfg`: per image, scale the guided prediction to
 /// the standard deviation of the text prediction, then blend by `phi`.
-fn rescale(guided: &mut ArrayD<f32>, text: &ArrayD<f32>, phi: f64) {
+fn rescale(guided: &mut ArrayD<f32>, text: &ndarray::ArrayViewD<f32>, phi: f64) {
     let std = |a: ndarray::ArrayViewD<f32>| {
         let n = a.len() as f64;
         let mean = a.iter().map(|v| *v as f64).sum::<f64>() / n;
@@ -219,7 +224,10 @@ pub fn vae_decode(
         // Decode image by image for a batch-1 graph.
         let mut parts = Vec::new();
         for i in 0..b {
-            let row = latents.slice_axis(Axis(0), (i..i + 1).into()).to_owned();
+            let row = memory::to_owned(
+                latents.slice_axis(Axis(0), (i..i + 1).into()),
+                "a latent row",
+            )?;
             parts.push(
                 vae.run(
                     vec![("latent_sample", Input::F32(row))],
@@ -285,7 +293,10 @@ pub fn vae_encode_mean(
         .remove(0);
     let c = r.shape().get(1).copied().unwrap_or(0);
     if c == 2 * channels {
-        Ok(r.slice_axis(Axis(1), (0..channels).into()).to_owned())
+        memory::to_owned(
+            r.slice_axis(Axis(1), (0..channels).into()),
+            "the latent mean",
+        )
     } else if c == channels {
         Ok(r)
     } else {

@@ -14,13 +14,17 @@ use ndarray::{ArrayD, IxDyn};
 use ort::value::{DynValue, Tensor};
 
 use super::{BusyGuard, Pipeline};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 use crate::lora::slots;
 use crate::lora::{
     merged_overrides, Component, LoraFile, MergeOptions, ModelGraphs, OverrideData, Resolution,
 };
+use crate::memory;
 use crate::model::tensors::NamedTensors;
 use crate::runtime::session::Graph;
+
+/// The name of the hot-swap slot buffers in out-of-memory errors.
+const SLOT: &str = "the LoRA slot inputs";
 
 /// How LoRAs reach the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -379,13 +383,13 @@ impl Pipeline {
                 let inn = down.data.len() / r.max(1);
                 let out = up.shape[0];
                 let scale = mult * module.scale();
-                let d = ArrayD::from_shape_vec(IxDyn(&[r, inn]), down.data.clone())
+                let down_copy = memory::collect(down.data.len(), down.data.iter().copied(), SLOT)?;
+                let d = ArrayD::from_shape_vec(IxDyn(&[r, inn]), down_copy)
                     .map_err(|e| refuse(&e.to_string()))?;
-                let u = ArrayD::from_shape_vec(
-                    IxDyn(&[out, r]),
-                    up.data.iter().map(|v| v * scale).collect(),
-                )
-                .map_err(|e| refuse(&e.to_string()))?;
+                let up_scaled =
+                    memory::collect(up.data.len(), up.data.iter().map(|v| v * scale), SLOT)?;
+                let u = ArrayD::from_shape_vec(IxDyn(&[out, r]), up_scaled)
+                    .map_err(|e| refuse(&e.to_string()))?;
                 let e = per_slot.entry(m.module.clone()).or_default();
                 e.0.push(d);
                 e.1.push(u);
@@ -396,8 +400,10 @@ impl Pipeline {
         for (module, (downs, ups)) in per_slot {
             let cat = |parts: &[ArrayD<f32>], axis| {
                 let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-                ndarray::concatenate(ndarray::Axis(axis), &views)
-                    .map_err(|e| Error::invalid_lora(format!("LoRA slot {module}: {e}")))
+                memory::concat(axis, &views, SLOT).map_err(|e| match e.code {
+                    ErrorCode::OutOfMemory => e,
+                    _ => Error::invalid_lora(format!("LoRA slot {module}: {}", e.message)),
+                })
             };
             inputs.push((crate::lora::slots::down_input(&module), cat(&downs, 0)?));
             inputs.push((crate::lora::slots::up_input(&module), cat(&ups, 1)?));

@@ -47,13 +47,22 @@ static LOADED: Mutex<Option<LoadedLibrary>> = Mutex::new(None);
 
 /// Releases our reference to the ONNX Runtime environment when the process
 /// exits, before the runtime library's own static objects are destroyed.
-/// The environment owns a background thread; left alive through exit, it can
+/// The environment owns background threads; left alive through exit, one can
 /// wake while those statics are torn down and read freed memory (an ONNX
 /// Runtime behaviour: it expects the environment released before `main`
-/// returns). `atexit` handlers run in reverse order of registration, and
-/// ONNX Runtime's statics were constructed when it was loaded, before this
-/// registration, so this runs first. Sessions still alive at exit keep the
-/// environment (they hold references); hosts free their handles first.
+/// returns). Sessions still alive at exit keep the environment (they hold
+/// references); hosts free their handles first.
+///
+/// Exit handlers (`atexit` and C++ static destructors alike) run in reverse
+/// order of registration, so the release must be registered after the
+/// constructor of every ONNX Runtime static it has to precede. Namespace
+/// statics are built when the library is loaded, but function-local statics
+/// are built lazily, on first session creation and on first run; one built
+/// after our registration would be destroyed before the release, while the
+/// environment's threads still live. So the (idempotent) release is
+/// registered again at each of those points, once per process: see
+/// [`release_after`]. (A second environment per process is refused by `ort`,
+/// so releasing the environment with the last runtime is not an option.)
 fn release_at_exit() {
     extern "C" fn release() {
         if let Some(mut loaded) = LOADED.try_lock() {
@@ -64,6 +73,22 @@ fn release_at_exit() {
     unsafe {
         libc::atexit(release);
     }
+}
+
+/// The points after which ONNX Runtime has constructed lazy statics that the
+/// exit-time release must precede (see [`release_at_exit`]).
+#[derive(Clone, Copy)]
+pub(crate) enum LazyStatics {
+    /// The first session was committed.
+    SessionCreated = 0,
+    /// The first session run returned.
+    FirstRun = 1,
+}
+
+/// Re-registers the exit-time release after `point`, once per process.
+pub(crate) fn release_after(point: LazyStatics) {
+    static DONE: [std::sync::Once; 2] = [std::sync::Once::new(), std::sync::Once::new()];
+    DONE[point as usize].call_once(release_at_exit);
 }
 
 /// A place to look, with a label for the error message.

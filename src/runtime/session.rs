@@ -14,6 +14,7 @@ use ort::value::{
     DynTensor, DynValue, Tensor, TensorElementType, TensorValueTypeMarker, Value, ValueType,
 };
 
+use super::library::{self, LazyStatics};
 use super::Runtime;
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory;
@@ -201,11 +202,12 @@ impl Graph {
         if count {
             rt.note_session_built();
         }
-        let session = match bytes {
+        let committed = match bytes {
             Some(b) => builder.commit_from_memory(b),
             None => builder.commit_from_file(path),
-        }
-        .map_err(|e| {
+        };
+        library::release_after(LazyStatics::SessionCreated);
+        let session = committed.map_err(|e| {
             let msg = format!("{component}: cannot load {}: {e}", path.display());
             match memory::ort_out_of_memory(&msg) {
                 Some(oom) => oom,
@@ -292,6 +294,7 @@ impl Graph {
             Some(o) => self.session.run_with_options(values, o),
             None => self.session.run(values),
         };
+        library::release_after(LazyStatics::FirstRun);
         let out = result.map_err(|e| run_error(&component, e))?;
         outputs
             .iter()
@@ -415,6 +418,7 @@ impl Graph {
             Some(o) => self.session.run_binding_with_options(&binding.io, o),
             None => self.session.run_binding(&binding.io),
         };
+        library::release_after(LazyStatics::FirstRun);
         result.map_err(|e| run_error(&self.component, e))
     }
 

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array2, ArrayD, ArrayView2, Axis, IxDyn};
 
 use crate::error::{Error, Result};
+use crate::memory;
 use crate::runtime::session::{DType, Graph, Input};
 use crate::runtime::Runtime;
 use crate::text::tokenizer::ClipTokenizer;
@@ -148,7 +149,10 @@ pub fn preprocess(images: &ArrayD<f32>) -> Result<ArrayD<f32>> {
     let side = h.min(w);
     let (top, left) = ((h - side) / 2, (w - side) / 2);
     let rows = cubic_weights(side, IMAGE_SIZE);
-    let mut out = ArrayD::zeros(IxDyn(&[b, 3, IMAGE_SIZE, IMAGE_SIZE]));
+    let mut out = memory::zeros(
+        IxDyn(&[b, 3, IMAGE_SIZE, IMAGE_SIZE]),
+        "the preference batch",
+    )?;
     for i in 0..b {
         for c in 0..3 {
             let plane = images.index_axis(Axis(0), i);

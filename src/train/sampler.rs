@@ -12,11 +12,12 @@
 //! The model calls are behind [`Denoiser`], so this file is the algorithm
 //! alone, on host arrays.
 
-use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray::{ArrayD, IxDyn};
 
 use super::config::TrainConfig;
 use super::spo::DdimStep;
 use crate::error::{Error, Result};
+use crate::memory;
 use crate::pipeline::rng::TorchRng;
 use crate::scheduler::ddim::DdimScheduler;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -112,10 +113,10 @@ pub fn sample_prompt(
     rng: &mut TorchRng,
 ) -> Result<Sampled> {
     let mut out = Sampled::default();
-    let mut x = normal(rng, shape);
+    let mut x = normal(rng, shape)?;
     for i in 0..cfg.divert_start {
         let eps = den.eps(&x, i)?;
-        x = ddim_step(&schedule.steps[i], &x, &eps, rng, shape);
+        x = ddim_step(&schedule.steps[i], &x, &eps, rng, shape)?;
         den.tick()?;
     }
     let mut eps = den.eps(&x, cfg.divert_start)?;
@@ -123,7 +124,7 @@ pub fn sample_prompt(
         let step = &schedule.steps[start];
         let mut cands: Vec<ArrayD<f32>> = (0..cfg.pool)
             .map(|_| ddim_step(step, &x, &eps, rng, shape))
-            .collect();
+            .collect::<Result<_>>()?;
         let mut branches: Vec<Branch> = cands
             .iter()
             .map(|c| vec![(start, x.clone(), c.clone())])
@@ -132,7 +133,7 @@ pub fn sample_prompt(
         for s in start + 1..end {
             for (c, b) in cands.iter_mut().zip(&mut branches) {
                 let e = den.eps(c, s)?;
-                let next = ddim_step(&schedule.steps[s], c, &e, rng, shape);
+                let next = ddim_step(&schedule.steps[s], c, &e, rng, shape)?;
                 b.push((s, std::mem::replace(c, next.clone()), next));
             }
             den.tick()?;
@@ -191,8 +192,7 @@ fn score_pool(
         (cands.to_vec(), 0, None)
     };
     let views: Vec<_> = x0.iter().map(|a| a.view()).collect();
-    let batch = ndarray::concatenate(Axis(0), &views)
-        .map_err(|e| Error::invalid_argument(format!("candidates: {e}")))?;
+    let batch = memory::concat(0, &views, "the batch of candidates")?;
     let scores = den.score(&batch, timestep)?;
     if scores.len() != cands.len() || scores.iter().any(|s| !s.is_finite()) {
         return Err(Error::invalid_model(format!(
@@ -219,9 +219,11 @@ fn extremes(scores: &[f32]) -> (usize, usize) {
     (w, l)
 }
 
-fn normal(rng: &mut TorchRng, shape: &[usize]) -> ArrayD<f32> {
-    let n = shape.iter().product();
-    ArrayD::from_shape_vec(IxDyn(shape), rng.randn(n)).expect("sized")
+/// Standard normal latents of `shape`, allocated fallibly.
+fn normal(rng: &mut TorchRng, shape: &[usize]) -> Result<ArrayD<f32>> {
+    let n = memory::count::<f32>(shape, "the sampling noise")?;
+    let z = rng.try_randn(n, "the sampling noise")?;
+    Ok(ArrayD::from_shape_vec(IxDyn(shape), z).expect("sized"))
 }
 
 /// x_prev = mu(x, eps) + sigma z.
@@ -231,9 +233,9 @@ fn ddim_step(
     eps: &ArrayD<f32>,
     rng: &mut TorchRng,
     shape: &[usize],
-) -> ArrayD<f32> {
+) -> Result<ArrayD<f32>> {
     let mut next = step.mean(&x.view(), &eps.view());
     let sigma = step.sigma as f32;
-    next.zip_mut_with(&normal(rng, shape), |m, z| *m += sigma * z);
-    next
+    next.zip_mut_with(&normal(rng, shape)?, |m, z| *m += sigma * z);
+    Ok(next)
 }

@@ -28,6 +28,7 @@ use super::spo::{guide, pair_loss, Branch, LossConfig};
 use crate::error::{Error, ErrorCode, Result};
 use crate::lora::{lora_bytes, write_lora, GraphTargets, LoraDialect, LoraFile, LoraOut};
 use crate::lora::{Component, UnetLayout};
+use crate::memory;
 use crate::model::tensors::NamedTensors;
 use crate::model::{ModelKind, OnnxGraph};
 use crate::pipeline::denoise::{cat_batch, timestep_input, vae_decode};
@@ -125,7 +126,7 @@ impl Trainer {
         let schedule = Schedule::new(&inner.scheduler_config, cfg.steps, cfg.eta)?;
         let channels = m.output_shape().get(1).copied().unwrap_or(0);
         let latent = [1, channels, m.latent_height, m.latent_width];
-        let params = initial_params(&grad, cfg);
+        let params = initial_params(&grad, cfg)?;
         let adam = AdamW::new(cfg.adamw(), &params)?;
         // kohya names SDXL modules by SGM block; SD 1.x ones by the
         // flattened diffusers path (what A1111, ComfyUI and diffusers read).
@@ -560,21 +561,23 @@ fn check_folder(pipeline: &Pipeline, manifest: &TrainManifest, dir: &Path) -> Re
 
 /// PEFT's gaussian init: A ~ N(0, std) (std 1/rank unless set), B = 0, so
 /// the policy starts as the reference.
-fn initial_params(grad: &GradRunner, cfg: &TrainConfig) -> NamedTensors {
+fn initial_params(grad: &GradRunner, cfg: &TrainConfig) -> Result<NamedTensors> {
     let m = grad.manifest();
     let std = cfg.init_std.unwrap_or(1.0 / m.rank as f64) as f32;
     let mut rng = TorchRng::new(stream_seed(cfg.seed, u64::MAX));
     m.params
         .iter()
         .map(|p| {
-            let n = p.shape.iter().product();
+            let n = memory::count::<f32>(&p.shape, &p.key)?;
             let v = if p.key.ends_with(".lora_A.weight") {
-                rng.randn(n).into_iter().map(|z| z * std).collect()
+                let mut v = rng.try_randn(n, &p.key)?;
+                v.iter_mut().for_each(|z| *z *= std);
+                v
             } else {
-                vec![0.0; n]
+                memory::filled(n, 0.0, &p.key)?
             };
             let a = ArrayD::from_shape_vec(IxDyn(&p.shape), v).expect("sized");
-            (p.key.clone(), a)
+            Ok((p.key.clone(), a))
         })
         .collect()
 }
