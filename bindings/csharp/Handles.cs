@@ -29,7 +29,22 @@ namespace Spo
 
     internal sealed class RuntimeHandle : SpoHandle
     {
-        protected override bool ReleaseHandle() { Native.spo_runtime_free(handle); return true; }
+        // The LogRegistry id of the log callback set on this runtime (0: none).
+        internal IntPtr LogId;
+
+        // Pipelines keep the native runtime alive after this, so its log
+        // callback is removed first: nothing is delivered after Dispose.
+        protected override bool ReleaseHandle()
+        {
+            if (LogId != IntPtr.Zero)
+            {
+                Native.spo_error_free(Native.spo_runtime_set_log_callback_raw(handle, null, IntPtr.Zero, (int)LogLevel.Error));
+                LogRegistry.Unregister(LogId);
+                LogId = IntPtr.Zero;
+            }
+            Native.spo_runtime_free(handle);
+            return true;
+        }
     }
 
     internal sealed class PipelineHandle : SpoHandle
@@ -56,6 +71,19 @@ namespace Spo
         protected override bool ReleaseHandle()
         {
             Native.spo_job_free(handle);
+            Progress = null;
+            return true;
+        }
+    }
+
+    internal sealed class TrainerHandle : SpoHandle
+    {
+        // As JobHandle.Progress: lives as long as the native trainer.
+        internal NativeProgress Progress;
+
+        protected override bool ReleaseHandle()
+        {
+            Native.spo_trainer_free(handle);
             Progress = null;
             return true;
         }

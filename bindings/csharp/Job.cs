@@ -1,6 +1,5 @@
 using System;
 using System.Collections.Generic;
-using System.Runtime.ExceptionServices;
 using System.Threading;
 
 namespace Spo
@@ -33,8 +32,7 @@ namespace Spo
     public sealed class Job : IDisposable
     {
         private readonly JobHandle handle;
-        private IProgress<JobProgress> progress;
-        private ExceptionDispatchInfo callbackError;
+        private readonly ProgressRelay progress = new ProgressRelay();
 
         internal Job(Pipeline pipeline, IDictionary<string, string> options)
         {
@@ -46,26 +44,10 @@ namespace Spo
         /// exception thrown by Report cancels the job and is rethrown by that Step or Run.</summary>
         public void SetProgress(IProgress<JobProgress> progress)
         {
-            NativeProgress callback = progress == null ? null : new NativeProgress(OnProgress);
+            NativeProgress callback = this.progress.CallbackFor(progress);
             SpoException.Check(Native.spo_job_set_progress_callback(handle, callback, IntPtr.Zero));
-            this.progress = progress;
+            this.progress.Set(progress);
             handle.Progress = callback;
-        }
-
-        private int OnProgress(IntPtr userData, uint done, uint total)
-        {
-            try
-            {
-                IProgress<JobProgress> p = progress;
-                if (p != null) p.Report(new JobProgress { Done = done, Total = total });
-                return 0;
-            }
-            catch (Exception e)
-            {
-                // Never unwind through the library's native frames.
-                callbackError = ExceptionDispatchInfo.Capture(e);
-                return 1;
-            }
         }
 
         /// <summary>Advances one denoising step, so a host can spread a job over frames.</summary>
@@ -73,7 +55,7 @@ namespace Spo
         {
             NativeJobStatus s;
             ErrorHandle e = Native.spo_job_step(handle, out s);
-            RethrowCallbackError(e);
+            progress.RethrowCallbackError(e);
             SpoException.Check(e);
             return new JobStatus { Done = s.Done, Total = s.Total, Finished = s.Finished != 0 };
         }
@@ -86,7 +68,7 @@ namespace Spo
             ErrorHandle e;
             using (cancellation.Register(Cancel))
                 e = Native.spo_job_run(handle);
-            RethrowCallbackError(e);
+            progress.RethrowCallbackError(e);
             try
             {
                 SpoException.Check(e);
@@ -97,14 +79,6 @@ namespace Spo
                     throw new OperationCanceledException(ex.Message, ex, cancellation);
                 throw;
             }
-        }
-
-        private void RethrowCallbackError(ErrorHandle e)
-        {
-            ExceptionDispatchInfo error = Interlocked.Exchange(ref callbackError, null);
-            if (error == null) return;
-            e.Dispose();
-            error.Throw();
         }
 
         /// <summary>Asks a running job to stop (it then fails with SpoCode.Cancelled and the pipeline is

@@ -9,6 +9,9 @@ namespace Spo
     [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
     internal delegate int NativeProgress(IntPtr userData, uint done, uint total);
 
+    [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+    internal delegate void NativeLog(IntPtr userData, int level, IntPtr message);
+
     [StructLayout(LayoutKind.Sequential)]
     internal struct NativeJobStatus
     {
@@ -59,6 +62,11 @@ namespace Spo
         internal static extern ErrorHandle spo_runtime_info(RuntimeHandle runtime, byte[] key, out StringHandle value);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
         internal static extern void spo_runtime_free(IntPtr runtime);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_runtime_set_log_callback(RuntimeHandle runtime, NativeLog callback, IntPtr userData, int maxLevel);
+        // The same for RuntimeHandle.ReleaseHandle, which holds only the raw pointer.
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl, EntryPoint = "spo_runtime_set_log_callback")]
+        internal static extern IntPtr spo_runtime_set_log_callback_raw(IntPtr runtime, NativeLog callback, IntPtr userData, int maxLevel);
 
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
         internal static extern ErrorHandle spo_pipeline_load(RuntimeHandle runtime, byte[] dir, OptionsHandle options, out PipelineHandle pipeline);
@@ -92,6 +100,25 @@ namespace Spo
         internal static extern ErrorHandle spo_job_take_images(JobHandle job, out ImagesHandle images);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
         internal static extern void spo_job_free(IntPtr job);
+
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_trainer_create(PipelineHandle pipeline, OptionsHandle options, out TrainerHandle trainer);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_trainer_set_progress_callback(TrainerHandle trainer, NativeProgress callback, IntPtr userData);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_trainer_step(TrainerHandle trainer, IntPtr[] prompts, UIntPtr n, out TrainMetrics metrics);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern void spo_trainer_cancel(TrainerHandle trainer);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_trainer_save_lora(TrainerHandle trainer, byte[] path, byte[] format);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_trainer_save_checkpoint(TrainerHandle trainer, byte[] path);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_trainer_load_checkpoint(TrainerHandle trainer, byte[] path);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_trainer_apply(TrainerHandle trainer, PipelineHandle pipeline);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern void spo_trainer_free(IntPtr trainer);
 
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
         internal static extern UIntPtr spo_images_count(ImagesHandle images);

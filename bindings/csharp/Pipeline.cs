@@ -32,6 +32,13 @@ namespace Spo
             return Utf8.Take(s);
         }
 
+        /// <summary>Creates an SPO trainer from "train.*" options ("train.dir" is required; see
+        /// spo_trainer_create in include/spo_runtime.h).</summary>
+        public Trainer CreateTrainer(IDictionary<string, string> options)
+        {
+            return new Trainer(this, options);
+        }
+
         /// <summary>Replaces the pipeline's LoRAs (an empty list removes them). On error the pipeline keeps
         /// its previous LoRAs.</summary>
         public void SetLoras(IList<KeyValuePair<Lora, float>> loras, LoraMode mode = LoraMode.Auto)

@@ -41,6 +41,38 @@ namespace Spo
             return new Pipeline(this, dir, options);
         }
 
+        /// <summary>Sets (null removes) the callback receiving the runtime's messages at maxLevel and above,
+        /// replacing the previous one. It may run on any thread using the runtime (ONNX Runtime's too);
+        /// an exception it throws is dropped. Dispose removes it: pipelines still open log nothing more.</summary>
+        public void SetLog(LogLevel maxLevel, Action<LogLevel, string> log)
+        {
+            bool added = false;
+            try
+            {
+                // Held so that Dispose cannot free the runtime between the call and LogId's update.
+                Handle.DangerousAddRef(ref added);
+                lock (Handle)
+                {
+                    IntPtr id = log == null ? IntPtr.Zero : LogRegistry.Register(log);
+                    try
+                    {
+                        SpoException.Check(Native.spo_runtime_set_log_callback(Handle, log == null ? null : LogRegistry.Trampoline, id, (int)maxLevel));
+                    }
+                    catch
+                    {
+                        LogRegistry.Unregister(id);
+                        throw;
+                    }
+                    LogRegistry.Unregister(Handle.LogId);
+                    Handle.LogId = id;
+                }
+            }
+            finally
+            {
+                if (added) Handle.DangerousRelease();
+            }
+        }
+
         public void Dispose() { Handle.Dispose(); }
     }
 

@@ -1,12 +1,13 @@
 // Package spo binds the spo-runtime C API (include/spo_runtime.h) for Go.
 //
-// Every handle (Runtime, Pipeline, Lora, Job) has an explicit Close; a
+// Every handle (Runtime, Pipeline, Lora, Job, Trainer) has an explicit Close; a
 // finalizer frees a forgotten one, but only Close frees it at a known time.
 // Close waits for calls in flight on the handle (a Job's Close cancels its
 // run first), and a handle used after Close returns an error, not a crash.
 // The C API's threading rules hold unchanged: a Runtime and a Lora may be
 // shared by any number of goroutines, a Pipeline runs one job at a time
-// (a second one gets CodeBusy), and Job.Cancel may be called from anywhere.
+// (a second one gets CodeBusy), and Job.Cancel and Trainer.Cancel may be
+// called from anywhere.
 //
 // Errors from the library are *Error values carrying the stable code and
 // the library's message (use errors.As and Code()).

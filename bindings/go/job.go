@@ -9,7 +9,6 @@ import (
 	"context"
 	"runtime"
 	"runtime/cgo"
-	"sync"
 	"unsafe"
 )
 
@@ -17,8 +16,7 @@ import (
 // on one job (the library answers CodeBusy); Cancel is safe from anywhere.
 type Job struct {
 	h        *handle
-	mu       sync.Mutex // guards progress
-	progress *progressState
+	progress progressSlot
 }
 
 // Status is where a job stands after Step.
@@ -35,28 +33,9 @@ func (j *Job) SetProgress(fn ProgressFunc) error {
 		return err
 	}
 	defer j.h.release()
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	var state *progressState
-	var h cgo.Handle
-	if fn != nil {
-		state = &progressState{fn: fn}
-		h = cgo.NewHandle(state)
-	}
-	if err := takeError(C.goSpoSetProgress((*C.spo_job)(jp), C.uintptr_t(h))); err != nil {
-		if h != 0 {
-			h.Delete()
-		}
-		return err
-	}
-	if j.progress != nil {
-		j.progress.handle.Delete()
-	}
-	if state != nil {
-		state.handle = h
-	}
-	j.progress = state
-	return nil
+	return j.progress.set(fn, func(h cgo.Handle) error {
+		return takeError(C.goSpoSetProgress((*C.spo_job)(jp), C.uintptr_t(h)))
+	})
 }
 
 // Step advances one denoising step (the first also encodes the prompt, the
@@ -69,7 +48,7 @@ func (j *Job) Step() (Status, error) {
 	defer j.h.release()
 	var s C.spo_job_status
 	err = takeError(C.spo_job_step((*C.spo_job)(jp), &s))
-	j.repanic()
+	j.progress.repanic()
 	if err != nil {
 		return Status{}, err
 	}
@@ -88,19 +67,10 @@ func (j *Job) Run(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return &Error{code: CodeCancelled, msg: "the context was done before the job ran", cause: err}
 	}
-	stop, watcherDone := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(watcherDone)
-		select {
-		case <-ctx.Done():
-			C.spo_job_cancel((*C.spo_job)(jp))
-		case <-stop:
-		}
-	}()
+	stop := watchContext(ctx, func() { C.spo_job_cancel((*C.spo_job)(jp)) })
 	err = takeError(C.spo_job_run((*C.spo_job)(jp)))
-	close(stop)
-	<-watcherDone // the watcher never touches the job after Run returns
-	j.repanic()
+	stop() // the watcher never touches the job after Run returns
+	j.progress.repanic()
 	if e, ok := err.(*Error); ok && e.code == CodeCancelled && ctx.Err() != nil {
 		e.cause = ctx.Err()
 	}
@@ -123,12 +93,7 @@ func (j *Job) Close() error {
 	j.h.close(
 		func(p unsafe.Pointer) { C.spo_job_cancel((*C.spo_job)(p)) },
 		func(p unsafe.Pointer) { C.spo_job_free((*C.spo_job)(p)) })
-	j.mu.Lock()
-	if j.progress != nil {
-		j.progress.handle.Delete()
-		j.progress = nil
-	}
-	j.mu.Unlock()
+	j.progress.clear()
 	runtime.SetFinalizer(j, nil)
 	return nil
 }
@@ -191,18 +156,4 @@ func (j *Job) TakeImages() ([]Image, error) {
 		out[i] = copyImage(&v)
 	}
 	return out, nil
-}
-
-// repanic re-raises, on the caller's goroutine, a panic of the progress
-// function that the callback caught so it would not unwind through C.
-func (j *Job) repanic() {
-	j.mu.Lock()
-	state := j.progress
-	j.mu.Unlock()
-	if state == nil {
-		return
-	}
-	if v := state.takePanic(); v != nil {
-		panic(v)
-	}
 }

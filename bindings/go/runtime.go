@@ -6,12 +6,17 @@ import "C"
 
 import (
 	"runtime"
+	"sync"
 	"unsafe"
 )
 
 // Runtime is a loaded ONNX Runtime with its execution providers. Share it
 // between goroutines; pipelines keep what they need of it after its Close.
-type Runtime struct{ h *handle }
+type Runtime struct {
+	h     *handle
+	logMu sync.Mutex // guards logID
+	logID uintptr    // the registration of SetLog's function, 0 for none
+}
 
 // NewRuntime creates a runtime (runtime keys such as "ep", "threads.intra",
 // "limits.*"; nil for the defaults).
@@ -36,9 +41,13 @@ func (r *Runtime) Info(key string) (string, error) {
 	})
 }
 
-// Close frees the runtime handle. It always returns nil.
+// Close removes the log function and frees the runtime handle. It always
+// returns nil.
 func (r *Runtime) Close() error {
-	r.h.close(nil, func(p unsafe.Pointer) { C.spo_runtime_free((*C.spo_runtime)(p)) })
+	r.h.close(nil, func(p unsafe.Pointer) {
+		r.dropLog(p)
+		C.spo_runtime_free((*C.spo_runtime)(p))
+	})
 	runtime.SetFinalizer(r, nil)
 	return nil
 }

@@ -278,6 +278,181 @@ static class Tests
         threads.ForEach(t => t.Join());
     }
 
+    // The trainer on the tiny SD 1.5 fixture with the toy colour preference model, at the
+    // settings of tests/c/trainer.c (3 DDIM steps, pools of 2) so a round takes seconds.
+    static Dictionary<string, string> TrainerOptions(string dir)
+    {
+        return new Dictionary<string, string> {
+            { "train.dir", dir }, { "train.preference", Path.Combine(root, "tests/fixtures/preference/colour") },
+            { "train.preset", "toy" }, { "train.steps", "3" }, { "train.divert_start", "1" }, { "train.pool", "2" },
+            { "train.threshold", "0" },
+        };
+    }
+
+    static string Sd15 { get { return Path.Combine(root, "tests/fixtures/tiny-sd15"); } }
+    static string TrainDir { get { return Path.Combine(root, "tests/fixtures/train/tiny-sd15/graphs"); } }
+
+    static bool Finite(double v) { return !double.IsNaN(v) && !double.IsInfinity(v); }
+
+    static void CheckMetrics(TrainMetrics m, string what)
+    {
+        Check(Finite(m.Loss) && Finite(m.ScoreMean) && Finite(m.ScoreGap) && Finite(m.GradNorm) && Finite(m.AcceptedRatio),
+              what + ": finite metrics, got loss " + m.Loss + " score " + m.ScoreMean + " grad " + m.GradNorm);
+    }
+
+    static void TrainRoundSaveLoadApply(Runtime rt, Pipeline pipe)
+    {
+        string dir = Path.Combine(Path.GetTempPath(), "spo-csharp-" + Guid.NewGuid().ToString("N"));
+        Directory.CreateDirectory(dir);
+        try
+        {
+            using (Trainer tr = pipe.CreateTrainer(TrainerOptions(TrainDir)))
+            {
+                int calls = 0;
+                tr.SetProgress(new Callback(p => { calls++; Check(p.Done <= p.Total, "progress " + p.Done + "/" + p.Total); }));
+                TrainMetrics m = tr.Step(new[] { "a red apple", "a blue car" });
+                CheckMetrics(m, "round 0");
+                // 2 prompts x one segment (steps 1-2; the last step opens no pool).
+                Check(m.Round == 0 && m.Pools == 2 && m.Pairs > 0 && m.Updates > 0 && m.TimeBackward > 0 && calls > 0,
+                      "round 0: round " + m.Round + " pools " + m.Pools + " pairs " + m.Pairs + " updates " + m.Updates + " calls " + calls);
+                // The dialects spo_lora_info reports for the two formats.
+                foreach (var f in new Dictionary<string, string> { { "webui", "Kohya" }, { "diffusers", "Peft" } })
+                {
+                    string path = Path.Combine(dir, f.Key + ".safetensors");
+                    tr.SaveLora(path, f.Key);
+                    Check(File.Exists(path) && new FileInfo(path).Length > 0, "saved LoRA " + path);
+                    using (Lora lora = rt.LoadLora(path))
+                    {
+                        Check(lora.Info("format") == f.Value, f.Key + " LoRA format: " + lora.Info("format"));
+                        pipe.SetLoras(new[] { new KeyValuePair<Lora, float>(lora, 1f) });
+                    }
+                }
+                // Back to a checkpoint: the same round again, bit for bit.
+                string ckpt = Path.Combine(dir, "trainer.ckpt");
+                tr.SaveCheckpoint(ckpt);
+                TrainMetrics a = tr.Step(new[] { "a red apple" });
+                tr.LoadCheckpoint(ckpt);
+                TrainMetrics b = tr.Step(new[] { "a red apple" });
+                Check(a.Round == 1 && b.Round == 1 && a.Loss == b.Loss && a.GradNorm == b.GradNorm,
+                      "round after the checkpoint twice: " + a.Loss + " " + b.Loss);
+                tr.Apply(pipe);
+                Check(pipe.Generate(new Dictionary<string, string> { { "prompt", "a red apple" }, { "steps", "2" } }).Length == 1,
+                      "a job with the applied LoRA");
+            }
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+
+    static void TrainErrors(Pipeline pipe)
+    {
+        try
+        {
+            pipe.CreateTrainer(TrainerOptions(Path.Combine(root, "tests/fixtures/train/no-such-folder")));
+            Check(false, "a missing training folder was accepted");
+        }
+        catch (SpoException e)
+        {
+            // The library's own error, naming the folder.
+            Check(e.Code != SpoCode.Ok && e.Message.Contains("no-such-folder"), "missing training folder: " + e.Code + " " + e.Message);
+        }
+        ExpectCode(() => pipe.CreateTrainer(new Dictionary<string, string> { { "train.lrr", "1" } }), SpoCode.UnknownOption, "train.lrr", "unknown trainer key");
+        Trainer tr = pipe.CreateTrainer(TrainerOptions(TrainDir));
+        ExpectCode(() => tr.SaveLora(Path.Combine(Path.GetTempPath(), "x.safetensors"), "ckpt"), SpoCode.InvalidArgument, "ckpt", "bad format");
+        ExpectCode(() => tr.LoadCheckpoint(Path.Combine(Sd15, "unet/config.json")), SpoCode.InvalidFile, "config.json", "not a checkpoint");
+        ExpectCode(() => tr.Step(new string[0]), SpoCode.InvalidArgument, "0 prompts", "no prompts");
+        tr.Dispose();
+        tr.Dispose(); // a second Dispose is a no-op
+        try { tr.Step(new[] { "a red apple" }); Check(false, "a disposed trainer stepped"); }
+        catch (ObjectDisposedException) { }
+    }
+
+    // Cancel from another thread while the round samples: Step throws Cancelled, the round
+    // does not count, and the trainer trains on.
+    static void TrainCancel(Pipeline pipe)
+    {
+        using (Trainer tr = pipe.CreateTrainer(TrainerOptions(TrainDir)))
+        {
+            using (var started = new ManualResetEventSlim())
+            using (var cancelled = new ManualResetEventSlim())
+            {
+                tr.SetProgress(new Callback(p => { if (!started.IsSet) { started.Set(); cancelled.Wait(); } }));
+                var canceller = new Thread(() => { started.Wait(); tr.Cancel(); cancelled.Set(); });
+                canceller.Start();
+                ExpectCode(() => tr.Step(new[] { "a red apple" }), SpoCode.Cancelled, "", "trainer cancel from another thread");
+                canceller.Join();
+            }
+            using (var source = new CancellationTokenSource())
+            {
+                tr.SetProgress(new Callback(p => source.Cancel()));
+                try
+                {
+                    tr.Step(new[] { "a red apple" }, source.Token);
+                    Check(false, "a cancelled token let the round finish");
+                }
+                catch (OperationCanceledException e)
+                {
+                    var inner = e.InnerException as SpoException;
+                    Check(inner != null && inner.Code == SpoCode.Cancelled, "trainer token cancel: " + e);
+                }
+            }
+            tr.SetProgress(null);
+            TrainMetrics m = tr.Step(new[] { "a red apple" });
+            Check(m.Round == 0, "round " + m.Round + " after two cancelled rounds, want 0");
+            CheckMetrics(m, "round after cancels");
+        }
+    }
+
+    // Loading a pipeline logs "loaded sd15 pipeline from DIR" at info level.
+    static void LogCallback()
+    {
+        var records = new List<KeyValuePair<LogLevel, string>>();
+        Action<LogLevel, string> log = (level, message) => { lock (records) records.Add(new KeyValuePair<LogLevel, string>(level, message)); };
+        Func<List<KeyValuePair<LogLevel, string>>> take = () => { lock (records) { var r = records.ToList(); records.Clear(); return r; } };
+        using (var rt = new Runtime(new Dictionary<string, string> { { "ep", "cpu" } }))
+        {
+            rt.SetLog(LogLevel.Debug, log);
+            Collect(); // the callback must survive collections
+            rt.LoadPipeline(Sd15).Dispose();
+            var got = take();
+            Check(got.All(r => r.Key >= LogLevel.Error && r.Key <= LogLevel.Debug), "log levels in range");
+            Check(got.Any(r => r.Key == LogLevel.Info && r.Value.Contains("loaded sd15 pipeline from") && r.Value.Contains("tiny-sd15")),
+                  "info message about the pipeline load, got " + got.Count + " messages");
+            rt.SetLog(LogLevel.Error, log);
+            rt.LoadPipeline(Sd15).Dispose();
+            Check(take().Count == 0, "no messages at error level");
+            rt.SetLog(LogLevel.Info, null);
+            rt.LoadPipeline(Sd15).Dispose();
+            Check(take().Count == 0, "no messages after removing the callback");
+            ExpectCode(() => rt.SetLog((LogLevel)9, log), SpoCode.InvalidArgument, "9", "bad log level");
+            // A throwing callback is dropped, never unwound through native code.
+            rt.SetLog(LogLevel.Info, (level, message) => { throw new InvalidOperationException("boom"); });
+            rt.LoadPipeline(Sd15).Dispose();
+        }
+        // Runtimes and trainers dropped without Dispose are freed by finalizers.
+        for (int i = 0; i < 3; i++) DropLoggingRuntime(log);
+        Collect();
+    }
+
+    [MethodImpl(MethodImplOptions.NoInlining)]
+    static void DropLoggingRuntime(Action<LogLevel, string> log)
+    {
+        var rt = new Runtime(new Dictionary<string, string> { { "ep", "cpu" } });
+        rt.SetLog(LogLevel.Debug, log);
+        Pipeline pipe = rt.LoadPipeline(Sd15);
+        pipe.CreateTrainer(TrainerOptions(TrainDir)).SetProgress(new Callback(p => { }));
+    }
+
+    static void Training()
+    {
+        using (var rt = new Runtime(new Dictionary<string, string> { { "ep", "cpu" } }))
+        using (Pipeline pipe = rt.LoadPipeline(Sd15))
+        {
+            TrainRoundSaveLoadApply(rt, pipe);
+            TrainErrors(pipe);
+            TrainCancel(pipe);
+        }
+    }
+
     static int Main(string[] args)
     {
         root = args[0];
@@ -294,6 +469,8 @@ static class Tests
                 new KeyValuePair<string, Action>("lora", () => Loras(rt, pipe)),
                 new KeyValuePair<string, Action>("gc", () => GcStress(rt, pipe)),
                 new KeyValuePair<string, Action>("threads", () => Threads(rt)),
+                new KeyValuePair<string, Action>("trainer", Training),
+                new KeyValuePair<string, Action>("log", LogCallback),
             };
             foreach (var t in tests)
             {
