@@ -25,7 +25,7 @@ DIST_NAME := spo-runtime-$(VERSION)-linux-$(shell uname -m)
 DIST_TARBALL := $(CURDIR)/out/$(DIST_NAME).tar.gz
 C_TESTS := $(patsubst tests/c/%.c,tests/c/build/%,$(wildcard tests/c/*.c))
 
-.PHONY: all demo spo-demo test setup apt ort build lint rust-test c-test py-test symbols header clean broken-models examples bench \
+.PHONY: all demo spo-demo test setup apt ort build lint rust-test c-test py-test symbols header clean broken-models examples cpp-test bench \
 	install dist package-test
 
 all: build
@@ -71,23 +71,35 @@ tests/c/build/example-%: examples/c/%.c examples/c/png_write.h include/spo_runti
 	@mkdir -p tests/c/build
 	$(CC) $(CFLAGS) $< -o $@ $(CLIBS)
 
-tests/c/build/example-cpp-txt2img: examples/cpp/txt2img.cpp bindings/cpp/spo_runtime.hpp include/spo_runtime.h build
+CXXFLAGS_SPO := -std=c++17 -Wall -Wextra -Werror -g -I$(CURDIR)/include -I$(CURDIR)/bindings/cpp
+tests/c/build/example-cpp-%: examples/cpp/%.cpp bindings/cpp/spo_runtime.hpp include/spo_runtime.h build
 	@mkdir -p tests/c/build
-	$(CXX) -std=c++17 -Wall -Wextra -Werror -g -I$(CURDIR)/include -I$(CURDIR)/bindings/cpp $< -o $@ $(CLIBS)
+	$(CXX) $(CXXFLAGS_SPO) $< -o $@ $(CLIBS)
 
-tests/c/build/example-cpp-train: examples/cpp/train.cpp bindings/cpp/spo_runtime.hpp include/spo_runtime.h build
-	@mkdir -p tests/c/build
-	$(CXX) -std=c++17 -Wall -Wextra -Werror -g -I$(CURDIR)/include -I$(CURDIR)/bindings/cpp $< -o $@ $(CLIBS)
+# The C++ wrapper's test, built with exceptions, with -fno-exceptions (Result<T>)
+# and with SPO_NO_EXCEPTIONS over exceptions; its images must match bindings-ref's.
+# The first two run under valgrind (about 5 minutes each); the third, which
+# differs only in how a throwing callback is reported, runs natively.
+CPP_TESTS := tests/c/build/cpp/binding-exc tests/c/build/cpp/binding-noexc tests/c/build/cpp/binding-result
+tests/c/build/cpp/binding-%: tests/cpp/binding.cpp bindings/cpp/spo_runtime.hpp include/spo_runtime.h build
+	@mkdir -p tests/c/build/cpp
+	$(CXX) $(CXXFLAGS_SPO) -DSPO_TEST_VERSION='"$(VERSION)"' \
+	  $(if $(findstring noexc,$@),-fno-exceptions -DSPO_NO_EXCEPTIONS,$(if $(findstring result,$@),-DSPO_NO_EXCEPTIONS)) \
+	  $< -o $@ $(CLIBS)
+
+cpp-test: $(CPP_TESTS) bindings-ref
+	@for t in $(filter-out %-result,$(CPP_TESTS)); do echo "== valgrind $$t"; $(VALGRIND) $$t $(BIND_CASE) $(BIND_BUILD) || exit 1; done
+	tests/c/build/cpp/binding-result $(BIND_CASE) $(BIND_BUILD)
 
 examples: $(EXAMPLES) tests/c/build/example-cpp-txt2img tests/c/build/example-cpp-train
-	./tests/c/build/example-cpp-txt2img tests/fixtures/tiny-sd15 "a lighthouse" tests/fixtures/lora/tiny-sd15/lora_b/kohya_flat.safetensors
+	./tests/c/build/example-cpp-txt2img tests/fixtures/tiny-sd15 "a lighthouse" $(LORA_15_B)
 	./tests/c/build/example-cpp-train tests/fixtures/tiny-sd15 tests/fixtures/train/tiny-sd15/graphs tests/fixtures/preference/colour tests/c/build/cpp-trained.safetensors
 	./tests/c/build/example-hello
 	./tests/c/build/example-txt2img tests/fixtures/tiny-sd15 "a lighthouse" tests/c/build/txt2img.png 4
 	@head -c 8 tests/c/build/txt2img.png | od -An -c | grep -q 'P   N   G' || { echo "txt2img did not write a PNG"; exit 1; }
 
 ## Tests -------------------------------------------------------------------------
-test: setup lint rust-test symbols c-test examples package-test py-test bindings-test
+test: setup lint rust-test symbols c-test examples cpp-test package-test py-test bindings-test
 	@echo "make test: all checks passed"
 
 lint:

@@ -29,7 +29,9 @@ int main(int argc, char** argv) {
     trainer.apply(pipe);
     spo::Options j;
     j.set("prompt", "a red apple").set("steps", "4");
-    auto images = pipe.job(j).take_images_after_run();
+    spo::Job job = pipe.job(j);
+    job.run();
+    auto images = job.take_images();
     std::cout << "generated " << images.at(0).width << "x" << images.at(0).height << " with the trained LoRA\n";
   } catch (const spo::Error& e) {
     std::cerr << "error " << e.code() << ": " << e.what() << "\n";
