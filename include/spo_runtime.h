@@ -531,7 +531,8 @@ struct spo_error *spo_options_create(struct spo_options **out);
 // "limits.max_pixels" (width x height, default 67108864 = 8192²),
 // "limits.max_batch" (num_images, default 64), "limits.max_steps" (default
 // 1000), "limits.max_prompt_windows" (77-token windows of a prompt, default
-// 64), "limits.max_file_bytes" (LoRA, .npy, PNG and prompt files, default
+// 64), "limits.max_prompt_bytes" (bytes of a prompt, checked before
+// tokenizing, default 65536), "limits.max_file_bytes" (LoRA, .npy, PNG and prompt files, default
 // 8 GiB; only regular files are read), "limits.max_threads" ("threads.intra",
 // default 4 per core, at most 4096).
 //

@@ -24,6 +24,11 @@ pub const MAX_BATCH: &str = "limits.max_batch";
 pub const MAX_STEPS: &str = "limits.max_steps";
 /// Option key: the most 77-token windows a prompt may take (`long_prompt=chunks`).
 pub const MAX_PROMPT_WINDOWS: &str = "limits.max_prompt_windows";
+/// Option key: the longest prompt (or negative prompt), in bytes, checked
+/// before tokenizing: CLIP's BPE takes time quadratic in the length of one
+/// word, so a megabyte-long word would stall a job for many minutes (64 KiB
+/// of one word takes about 6 s; 32 KiB measured 1.6 s).
+pub const MAX_PROMPT_BYTES: &str = "limits.max_prompt_bytes";
 /// Option key: the largest file read whole (LoRA, .npy, safetensors, prompts, PNG).
 pub const MAX_FILE_BYTES: &str = "limits.max_file_bytes";
 /// Option key: the most ONNX Runtime threads `threads.intra` may ask for.
@@ -35,7 +40,7 @@ pub const THREADS_CEILING: u64 = 4096;
 
 /// The bounds in force. `Default` is generous for real use: SDXL at 2048² and
 /// beyond (sides to 16384, 64 Mi pixels, e.g. 8192²), 64 images per job, 1000
-/// steps, 64 prompt windows (4800 tokens), 8 GiB files (a rank-256 SDXL LoRA is
+/// steps, 64 prompt windows (4800 tokens), 64 KiB prompts, 8 GiB files (a rank-256 SDXL LoRA is
 /// under 2 GiB), and 4 threads per core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -44,6 +49,7 @@ pub struct Limits {
     pub max_batch: u64,
     pub max_steps: u64,
     pub max_prompt_windows: u64,
+    pub max_prompt_bytes: u64,
     pub max_file_bytes: u64,
     pub max_threads: u64,
 }
@@ -57,6 +63,7 @@ impl Default for Limits {
             max_batch: 64,
             max_steps: 1000,
             max_prompt_windows: 64,
+            max_prompt_bytes: 64 << 10,
             max_file_bytes: 8 << 30,
             max_threads: (4 * cores).min(THREADS_CEILING),
         }
@@ -91,6 +98,7 @@ impl Limits {
             (MAX_BATCH, &mut l.max_batch),
             (MAX_STEPS, &mut l.max_steps),
             (MAX_PROMPT_WINDOWS, &mut l.max_prompt_windows),
+            (MAX_PROMPT_BYTES, &mut l.max_prompt_bytes),
             (MAX_FILE_BYTES, &mut l.max_file_bytes),
             (MAX_THREADS, &mut l.max_threads),
         ] {

@@ -21,6 +21,7 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
     (limits::MAX_BATCH, "runtime"),
     (limits::MAX_STEPS, "runtime"),
     (limits::MAX_PROMPT_WINDOWS, "runtime"),
+    (limits::MAX_PROMPT_BYTES, "runtime"),
     (limits::MAX_FILE_BYTES, "runtime"),
     (limits::MAX_THREADS, "runtime"),
     ("cuda.device_id", "runtime"),

@@ -173,3 +173,26 @@ fn init_images_are_judged_by_their_header() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// CLIP's BPE is quadratic in one word's length: a prompt's bytes are
+/// bounded before it is tokenized, so a megabyte-long word cannot stall a job.
+#[test]
+fn a_prompt_over_the_byte_limit_is_refused_before_tokenizing() {
+    let o = Options::from_pairs([("ep", "cpu"), ("limits.max_prompt_bytes", "1000")]).unwrap();
+    let rt = Runtime::new(&o, Default::default()).unwrap();
+    let p = Pipeline::load(&rt, &common::fixture("tiny-sd15"), &Options::new()).unwrap();
+    let word = "x".repeat(1001);
+    for (prompt, negative) in [(word.as_str(), None), ("a cat", Some(word.as_str()))] {
+        let e = p
+            .encode_prompts(prompt, negative, true, 0, LongPrompt::Truncate)
+            .unwrap_err();
+        assert!(
+            e.message.contains("1001") && e.message.contains("limits.max_prompt_bytes"),
+            "{}",
+            e.message
+        );
+    }
+    assert!(p
+        .encode_prompts(&"x".repeat(1000), None, true, 0, LongPrompt::Truncate)
+        .is_ok());
+}

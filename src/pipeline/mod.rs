@@ -357,11 +357,22 @@ impl Pipeline {
         clip_skip: usize,
         long: LongPrompt,
     ) -> Result<(PromptEmbeds, Option<PromptEmbeds>)> {
+        let limits = self.inner.runtime.limits();
+        for (what, text) in [("prompt", Some(prompt)), ("negative prompt", negative)] {
+            let len = text.map_or(0, str::len) as u64;
+            let key = crate::limits::MAX_PROMPT_BYTES;
+            crate::limits::check(
+                &format!("{what} length (bytes):"),
+                len,
+                limits.max_prompt_bytes,
+                key,
+            )?;
+        }
         let mut models = self.inner.models.lock();
         let text = &mut models.text;
         // A prompt and its negative get the same number of windows (they
         // are rows of one UNet batch).
-        let max = self.inner.runtime.limits().max_prompt_windows;
+        let max = limits.max_prompt_windows;
         let key = crate::limits::MAX_PROMPT_WINDOWS;
         let windows = text.windows(prompt, long);
         crate::limits::check("prompt windows (77 tokens each):", windows as u64, max, key)?;
