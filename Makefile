@@ -158,6 +158,8 @@ install: build
 	  sed -e 's/@VERSION@/$(VERSION)/g' -e 's/@ABI@/$(ABI)/g' packaging/$$f.cmake.in \
 	    > $(PREFIX)/lib/cmake/spo-runtime/$$f.cmake; done
 	install -m 644 README.md $(PREFIX)/share/doc/spo-runtime/
+	install -d $(PREFIX)/share/doc/spo-runtime/onnxruntime
+	install -m 644 $(ORT_DIR)/LICENSE $(ORT_DIR)/ThirdPartyNotices.txt $(PREFIX)/share/doc/spo-runtime/onnxruntime/
 
 # The same tree as a tarball: out/spo-runtime-VERSION-linux-ARCH.tar.gz.
 dist:

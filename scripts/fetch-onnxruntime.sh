@@ -12,7 +12,7 @@ flavour=cpu
 if [ "${1:-}" = "--cuda" ]; then pkg=onnxruntime-gpu; flavour=cuda; fi
 root=$(cd "$(dirname "$0")/.." && pwd)
 dest="$root/third_party/onnxruntime/$flavour"
-if ls "$dest"/libonnxruntime.so.* >/dev/null 2>&1 && [ -f "$dest/VERSION" ] && [ "$(cat "$dest/VERSION")" = "$version" ]; then
+if ls "$dest"/libonnxruntime.so.* >/dev/null 2>&1 && [ -f "$dest/LICENSE" ] && [ -f "$dest/VERSION" ] && [ "$(cat "$dest/VERSION")" = "$version" ]; then
   echo "$dest"
   exit 0
 fi
@@ -27,7 +27,9 @@ wheel, dest = sys.argv[1], sys.argv[2]
 with zipfile.ZipFile(wheel) as z:
     for name in z.namelist():
         base = os.path.basename(name)
-        if name.startswith("onnxruntime/capi/") and base.startswith("libonnxruntime"):
+        # The libraries, and the licence and third-party notices that ship with them.
+        lib = name.startswith("onnxruntime/capi/") and base.startswith("libonnxruntime")
+        if lib or name in ("onnxruntime/LICENSE", "onnxruntime/ThirdPartyNotices.txt"):
             with z.open(name) as src, open(os.path.join(dest, base), "wb") as out:
                 out.write(src.read())
 PY

@@ -23,6 +23,10 @@ mv "$staged" "$prefix"
 
 soname=$(readelf -d "$prefix/lib/libspo_runtime.so.$abi" | sed -n 's/.*SONAME.*\[\(.*\)\]/\1/p')
 [ "$soname" = "libspo_runtime.so.$abi" ] || fail "SONAME is '$soname', want libspo_runtime.so.$abi"
+# ONNX Runtime's MIT licence and notices travel with its library.
+for f in LICENSE ThirdPartyNotices.txt; do
+  [ -s "$prefix/share/doc/spo-runtime/onnxruntime/$f" ] || fail "no ONNX Runtime $f in the install"
+done
 [ "$(readlink "$prefix/lib/libspo_runtime.so")" = "libspo_runtime.so.$abi" ] ||
   fail "lib/libspo_runtime.so is not a link to libspo_runtime.so.$abi"
 
