@@ -142,23 +142,29 @@ static void test_errors(const spo::Runtime& rt, const spo::Pipeline& pipe) {
   CHECK(e.code() == SPO_ERR_IO && has(e.what(), "no-such.safetensors"));
 }
 
-// Cancels from another thread once the first step is done, then reuses the pipeline.
+// Cancels from another thread once the first step is done, then reuses the
+// pipeline. The first progress call waits until the other thread's cancel has
+// returned: without that handshake a scheduler that runs one thread at a time
+// (valgrind's) can finish all 200 steps before the canceller runs.
 static void test_cancel(const spo::Pipeline& pipe, const Case& c, const std::vector<uint8_t>& ref) {
   spo::Options o = job_options(c, "200");
   spo::Job job = MUST(pipe.job(o));
   std::mutex m;
   std::condition_variable cv;
-  bool started = false;
+  bool started = false, cancelled = false;
   MUST(job.on_progress([&](uint32_t, uint32_t) {
-    std::lock_guard<std::mutex> lock(m);
+    std::unique_lock<std::mutex> lock(m);
     started = true;
     cv.notify_all();
+    cv.wait(lock, [&] { return cancelled; });
     return true;
   }));
   std::thread canceller([&] {
     std::unique_lock<std::mutex> lock(m);
     cv.wait(lock, [&] { return started; });
     job.cancel();
+    cancelled = true;
+    cv.notify_all();
   });
   spo::Error e = ERROR_OF(job.run());
   canceller.join();
