@@ -320,12 +320,11 @@ fn segments_equal_one_segment() {
     let (_, one) = run(&case_dir("tiny-sd15").join("graphs"), &inputs);
     let (r, three) = run(&case_dir("tiny-sd15").join("graphs-seg3"), &inputs);
     assert_eq!(r.manifest().segments.len(), 3);
-    // Summation order differs at the cuts (skip-connection cotangents are
-    // summed on the host, ONNX Runtime fuses differently across a cut), so
-    // the two agree to fp32 round-off, not bit for bit: the bound is on the
-    // norm of the difference over all gradients, relative to their norm.
-    // It is 2e-6, not 1e-6: one fp32 evaluation is already ~1.4e-6 of the
-    // largest gradient away from float64 autograd (measured 1.1e-6 here).
+    // Gradient graphs are built without ONNX Runtime's layout rewrites
+    // (`Graph::load_training`), so the cuts change no kernel: measured
+    // bit-identical. With them it was 1.1e-6; the bound is the 1e-6,
+    // on the norm of the difference over all gradients (relative to their
+    // norm), on the largest difference, and on the output.
     let (mut diff, mut norm) = (0f64, 0f64);
     for (k, a) in one.iter().filter(|(k, _)| *k != "out_sample") {
         for (x, y) in three[k].iter().zip(a) {
@@ -345,7 +344,7 @@ fn segments_equal_one_segment() {
         e.global,
         d / m
     );
-    assert!(rel <= 2e-6 && d / m <= 1e-6);
+    assert!(rel <= 1e-6 && e.global <= 1e-6 && d / m <= 1e-6);
     assert!(grad_error(&three, &expected).per_tensor <= 1e-4);
 }
 

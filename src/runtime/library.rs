@@ -63,6 +63,9 @@ static LOADED: Mutex<Option<LoadedLibrary>> = Mutex::new(None);
 /// registered again at each of those points, once per process: see
 /// [`release_after`]. (A second environment per process is refused by `ort`,
 /// so releasing the environment with the last runtime is not an option.)
+/// One background thread that `CreateEnv` starts is not the environment's and
+/// survives this release; its exit race is inside ONNX Runtime alone (see
+/// `tests/c/valgrind.supp`).
 fn release_at_exit() {
     extern "C" fn release() {
         if let Some(mut loaded) = LOADED.try_lock() {

@@ -27,6 +27,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use parking_lot::Mutex;
 use regex::Regex;
@@ -50,6 +51,25 @@ const CLIP_PATTERN: &str =
 /// never hold whitespace, so its ` ?` prefixes and `\s+` branches cannot match).
 const BYTE_LEVEL_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+";
 const CACHE_LIMIT: usize = 50_000;
+
+/// The pre-tokenizer patterns, compiled once per process: they are the same for
+/// every tokenizer, and compiling their Unicode classes costs milliseconds per
+/// load (most of a small tokenizer's load time). A `Regex` clone shares the
+/// compiled program.
+struct Patterns {
+    clip: Regex,
+    byte_level: Regex,
+    whitespace: Regex,
+}
+
+fn patterns() -> &'static Patterns {
+    static PATTERNS: OnceLock<Patterns> = OnceLock::new();
+    PATTERNS.get_or_init(|| Patterns {
+        clip: Regex::new(CLIP_PATTERN).expect("CLIP pattern"),
+        byte_level: Regex::new(BYTE_LEVEL_PATTERN).expect("byte-level pattern"),
+        whitespace: Regex::new(r"\s+").expect("whitespace pattern"),
+    })
+}
 
 /// How a prompt longer than the encoder's window is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -342,9 +362,9 @@ impl ClipTokenizer {
             pad_token: pad_token.to_owned(),
             specials,
             special_re,
-            clip_re: Regex::new(CLIP_PATTERN).expect("CLIP pattern"),
-            byte_level_re: Regex::new(BYTE_LEVEL_PATTERN).expect("byte-level pattern"),
-            ws_re: Regex::new(r"\s+").expect("whitespace pattern"),
+            clip_re: patterns().clip.clone(),
+            byte_level_re: patterns().byte_level.clone(),
+            ws_re: patterns().whitespace.clone(),
             cache: Mutex::new(HashMap::new()),
         })
     }

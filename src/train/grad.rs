@@ -309,9 +309,9 @@ impl SegmentRunner {
         entry: &Segment,
         keep_residuals: bool,
     ) -> Result<SegmentRunner> {
-        let forward = Graph::load(rt, "train forward", &dir.join(&entry.forward))?;
+        let forward = Graph::load_training(rt, "train forward", &dir.join(&entry.forward))?;
         let backward = match &entry.backward {
-            Some(b) => Some(Graph::load(rt, "train backward", &dir.join(b))?),
+            Some(b) => Some(Graph::load_training(rt, "train backward", &dir.join(b))?),
             None => None,
         };
         check_graphs(entry, &forward, backward.as_ref())?;
