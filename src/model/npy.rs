@@ -7,6 +7,15 @@
 //! there first (the npy fuzz target's find: a stated 0xffffff76 allocated 4 GB
 //! and aborted). NaN and infinite values are refused here, where they start,
 //! so the message names the file.
+//!
+//! The header is a Python literal that ndarray-npy parses with a backtracking
+//! grammar: nested unclosed brackets take exponential time (the fuzz target's
+//! second find: 128 bytes took 3.3 s, a few more would never end). A float32
+//! array's header nests two levels (`{... (1, 4, 8, 8)}`), so headers that
+//! nest deeper than [`MAX_HEADER_DEPTH`] or do not balance are refused first.
+//! ndarray-npy also panics on a shape with a zero axis whose other axes
+//! overflow (`(0, 375952003759528102, 32)`: no bytes needed, yet no valid
+//! array), so the shape's size is checked here too.
 
 use std::path::Path;
 
@@ -19,6 +28,9 @@ use crate::memory;
 use crate::pipeline::job_spec::count_non_finite;
 
 const MAGIC: &[u8] = b"\x93NUMPY";
+/// Bracket nesting allowed in a header: the dict, the shape tuple, and one
+/// level to spare (a structured dtype's list, refused later by name).
+const MAX_HEADER_DEPTH: usize = 3;
 
 /// Reads a float32 (native byte order) `.npy` file within `limits`; every
 /// value must be finite.
@@ -32,13 +44,15 @@ pub fn read_f32(path: &Path, limits: &Limits) -> Result<ArrayD<f32>> {
 pub fn parse_f32(bytes: &[u8], what: &str) -> Result<ArrayD<f32>> {
     let bad =
         |e: &dyn std::fmt::Display| Error::invalid_file(format!("{what}: not a float32 .npy: {e}"));
-    if let Some(len) = declared_header_len(bytes) {
-        if len > bytes.len() {
+    if let Some((start, len)) = declared_header(bytes) {
+        let Some(header) = bytes.get(start..start + len) else {
             return Err(bad(&format!(
                 "the header claims {len} bytes, the file has {}",
                 bytes.len()
             )));
-        }
+        };
+        check_nesting(header).map_err(|e| bad(&e))?;
+        check_shape_size(header).map_err(|e| bad(&e))?;
     }
     // Checks the header's shape against the data length; views, allocates nothing.
     let view = ArrayViewD::<f32>::view_npy(bytes).map_err(|e| bad(&e))?;
@@ -53,14 +67,91 @@ pub fn parse_f32(bytes: &[u8], what: &str) -> Result<ArrayD<f32>> {
     Ok(ArrayD::from_shape_vec(IxDyn(view.shape()), data).expect("shape of the view"))
 }
 
-/// The header length a file with the `.npy` magic states (a u16 in format
-/// 1.0, a u32 after), or `None` when it is too short to say.
-fn declared_header_len(bytes: &[u8]) -> Option<usize> {
+/// Where the header of a file with the `.npy` magic starts and the length
+/// it states (a u16 in format 1.0, a u32 after), or `None` when the file is
+/// too short to say.
+fn declared_header(bytes: &[u8]) -> Option<(usize, usize)> {
     let rest = bytes.strip_prefix(MAGIC)?;
     match rest {
-        [1, _, a, b, ..] => Some(usize::from(u16::from_le_bytes([*a, *b]))),
-        [_, _, a, b, c, d, ..] => Some(u32::from_le_bytes([*a, *b, *c, *d]) as usize),
+        [1, _, a, b, ..] => Some((MAGIC.len() + 4, usize::from(u16::from_le_bytes([*a, *b])))),
+        [_, _, a, b, c, d, ..] => Some((
+            MAGIC.len() + 6,
+            u32::from_le_bytes([*a, *b, *c, *d]) as usize,
+        )),
         _ => None,
+    }
+}
+
+/// Refuses a shape whose axes other than the zero-length ones multiply past
+/// `isize::MAX` bytes of f32 (ndarray's own bound), which ndarray-npy would
+/// turn into a panic. Every `shape` key (either quote style, duplicates too)
+/// is checked, and its axes must be plain decimal integers, as numpy writes
+/// them: the other Python spellings (`0x..`, `1_000`) are refused rather than
+/// left unchecked.
+fn check_shape_size(header: &[u8]) -> std::result::Result<(), String> {
+    let Ok(text) = std::str::from_utf8(header) else {
+        return Ok(()); // ndarray-npy refuses a header that is not text
+    };
+    for (at, _) in text.match_indices("shape") {
+        let Some((_, rest)) = text[at..].split_once('(') else {
+            continue;
+        };
+        let Some((axes, _)) = rest.split_once(')') else {
+            continue;
+        };
+        shape_bytes(axes)?;
+    }
+    Ok(())
+}
+
+/// Bytes of f32 that a shape tuple's non-zero axes need, within isize::MAX.
+fn shape_bytes(axes: &str) -> std::result::Result<usize, String> {
+    let too_large = || format!("the shape ({}) is too large", axes.trim());
+    let mut bytes = std::mem::size_of::<f32>();
+    for axis in axes.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let digits = axis.strip_prefix('+').unwrap_or(axis);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("shape axis '{axis}' is not a decimal integer"));
+        }
+        let n: usize = digits.parse().map_err(|_| too_large())?;
+        if n > 0 {
+            bytes = bytes
+                .checked_mul(n)
+                .filter(|b| *b <= isize::MAX as usize)
+                .ok_or_else(too_large)?;
+        }
+    }
+    Ok(bytes)
+}
+
+/// Refuses a header whose brackets nest deeper than [`MAX_HEADER_DEPTH`] or
+/// do not balance (brackets inside quoted strings do not count).
+fn check_nesting(header: &[u8]) -> std::result::Result<(), String> {
+    let (mut depth, mut quote) = (0usize, None);
+    for &c in header {
+        match (quote, c) {
+            (Some(q), _) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, b'\'' | b'"') => quote = Some(c),
+            (None, b'(' | b'[' | b'{') => {
+                depth += 1;
+                if depth > MAX_HEADER_DEPTH {
+                    return Err(format!(
+                        "the header nests brackets more than {MAX_HEADER_DEPTH} deep"
+                    ));
+                }
+            }
+            (None, b')' | b']' | b'}') => {
+                depth = depth
+                    .checked_sub(1)
+                    .ok_or("the header closes a bracket it never opened")?;
+            }
+            _ => {}
+        }
+    }
+    match (depth, quote) {
+        (0, None) => Ok(()),
+        _ => Err("the header leaves a bracket or a quote open".to_owned()),
     }
 }
 
@@ -139,6 +230,47 @@ mod tests {
         assert!(
             err.contains("noise.npy") && err.contains("4294967158"),
             "{err}"
+        );
+    }
+
+    /// The npy fuzz target's 128-byte hang: unclosed brackets nested 13 deep
+    /// sent ndarray-npy's header grammar into exponential backtracking (3.3 s
+    /// for this file). It is refused before that parser sees it.
+    #[test]
+    fn deeply_nested_header_is_refused_before_parsing() {
+        let f = [
+            &b"\x93NUMPY\x01\x00v\x00"[..],
+            &b"{(0,            [  (1, (0,      [  (1, ("[..],
+            &b" [  (1, (5,      [  (1, (5,           [ "[..],
+            &b" (1, (1, (5,  \x00\x00\x00\x00\x00\x00\x00\x00, )   (   (   \"\x0a"[..],
+        ]
+        .concat();
+        let err = parse_f32(&f, "deep.npy").unwrap_err().to_string();
+        assert!(
+            err.contains("deep.npy") && err.contains("more than 3 deep"),
+            "{err}"
+        );
+        // Balanced but four deep, and balanced with an unclosed quote.
+        for (shape, why) in [("((((1,),),),)", "more than 3 deep"), ("(1, 2)'", "open")] {
+            let err = parse_f32(&header(shape), "x.npy").unwrap_err().to_string();
+            assert!(err.contains(why), "{shape}: {err}");
+        }
+        // Brackets inside a quoted string do not count.
+        assert!(check_nesting(b"{'descr': '<f4((((((', 'shape': (1,), }").is_ok());
+        assert!(check_nesting(b"{'shape': (1,)}}").is_err());
+    }
+
+    /// The npy fuzz target's panic: a zero axis makes the data length 0, and
+    /// the other axes overflow ndarray's size bound.
+    #[test]
+    fn zero_axis_with_overflowing_axes_is_refused() {
+        for shape in ["(0, 375952003759528102, 32)", "(0,+375952003759528102, 32)"] {
+            let err = parse_f32(&header(shape), "z.npy").unwrap_err().to_string();
+            assert!(err.contains("z.npy") && err.contains("too large"), "{err}");
+        }
+        assert_eq!(
+            parse_f32(&header("(0, 4, 8)"), "e.npy").unwrap().shape(),
+            [0, 4, 8]
         );
     }
 

@@ -52,10 +52,11 @@ const CLIP_PATTERN: &str =
 const BYTE_LEVEL_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+";
 const CACHE_LIMIT: usize = 50_000;
 
-/// The pre-tokenizer patterns, compiled once per process: they are the same for
-/// every tokenizer, and compiling their Unicode classes costs milliseconds per
-/// load (most of a small tokenizer's load time). A `Regex` clone shares the
-/// compiled program.
+/// The pre-tokenizer patterns, compiled once per process and shared by
+/// reference: they are the same for every tokenizer, compiling their Unicode
+/// classes costs milliseconds per load, and their lazy DFAs warm up as they
+/// are used (a `Regex` clone would start with cold caches).
+#[derive(Debug)]
 struct Patterns {
     clip: Regex,
     byte_level: Regex,
@@ -105,9 +106,8 @@ pub struct ClipTokenizer {
     /// Literal special tokens matched on raw text, with their ids.
     specials: Vec<(String, u32)>,
     special_re: Regex,
-    clip_re: Regex,
-    byte_level_re: Regex,
-    ws_re: Regex,
+    /// The process-wide pre-tokenizer patterns (see [`patterns`]).
+    patterns: &'static Patterns,
     cache: Mutex<HashMap<String, Vec<u32>>>,
 }
 
@@ -362,9 +362,7 @@ impl ClipTokenizer {
             pad_token: pad_token.to_owned(),
             specials,
             special_re,
-            clip_re: patterns().clip.clone(),
-            byte_level_re: patterns().byte_level.clone(),
-            ws_re: patterns().whitespace.clone(),
+            patterns: patterns(),
             cache: Mutex::new(HashMap::new()),
         })
     }
@@ -452,7 +450,7 @@ impl ClipTokenizer {
     /// order of the transformers CLIP normaliser.
     fn normalize(&self, text: &str) -> String {
         let nfc: String = text.nfc().collect();
-        let spaced = self.ws_re.replace_all(&nfc, " ");
+        let spaced = self.patterns.whitespace.replace_all(&nfc, " ");
         spaced.chars().flat_map(char::to_lowercase).collect()
     }
 
@@ -461,8 +459,8 @@ impl ClipTokenizer {
             return;
         }
         let norm = self.normalize(text);
-        for piece in self.clip_re.find_iter(&norm) {
-            for word in self.byte_level_re.find_iter(piece.as_str()) {
+        for piece in self.patterns.clip.find_iter(&norm) {
+            for word in self.patterns.byte_level.find_iter(piece.as_str()) {
                 self.encode_word(word.as_str(), out);
             }
         }
