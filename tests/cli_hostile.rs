@@ -354,7 +354,26 @@ fn oversized_requests_are_refused_before_allocating() {
     bytes.extend_from_slice(format!("{dict:<117}\n").as_bytes());
     bytes.extend_from_slice(&[0u8; 1024]);
     std::fs::write(&npy, bytes).unwrap();
+    // The npy fuzz target's two finds: unclosed brackets nested 13 deep
+    // (exponential in ndarray-npy's header grammar: this 128-byte file took
+    // 3.3 s, a longer one never ends) and a zero axis beside axes that
+    // overflow (a panic inside ndarray-npy).
+    let deep = s.path("deep.npy");
+    let mut bytes = b"\x93NUMPY\x01\x00\x76\x00{'shape': ".to_vec();
+    bytes.extend(b"[  (1, (".repeat(13));
+    bytes.resize(128, b' ');
+    std::fs::write(&deep, bytes).unwrap();
+    let zero = s.path("zero.npy");
+    let dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 375952003759528102, 32), }";
+    let mut bytes = b"\x93NUMPY\x01\x00\x76\x00".to_vec();
+    bytes.extend_from_slice(format!("{dict:<117}\n").as_bytes());
+    std::fs::write(&zero, bytes).unwrap();
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["--init-latents", &deep],
+            vec!["deep.npy", "more than 3 deep"],
+        ),
+        (vec!["--noise", &zero], vec!["zero.npy", "too large"]),
         (
             vec!["--width", "100000", "--height", "100000"],
             vec!["100000", "limits.max_side"],
