@@ -242,7 +242,8 @@ impl Graph {
         if purpose == Purpose::Training {
             builder = builder
                 .with_optimization_level(GraphOptimizationLevel::Level2)
-                .and_then(|b| b.with_memory_pattern(false))
+                .map_err(ort::Error::from)?
+                .with_memory_pattern(false)
                 .map_err(ort::Error::from)?;
             ort::ep::CPU::default()
                 .with_arena_allocator(false)
