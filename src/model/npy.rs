@@ -45,7 +45,7 @@ pub fn parse_f32(bytes: &[u8], what: &str) -> Result<ArrayD<f32>> {
     let bad =
         |e: &dyn std::fmt::Display| Error::invalid_file(format!("{what}: not a float32 .npy: {e}"));
     if let Some((start, len)) = declared_header(bytes) {
-        let Some(header) = bytes.get(start..start + len) else {
+        let Some(header) = start.checked_add(len).and_then(|end| bytes.get(start..end)) else {
             return Err(bad(&format!(
                 "the header claims {len} bytes, the file has {}",
                 bytes.len()
@@ -89,9 +89,9 @@ fn declared_header(bytes: &[u8]) -> Option<(usize, usize)> {
 /// them: the other Python spellings (`0x..`, `1_000`) are refused rather than
 /// left unchecked.
 fn check_shape_size(header: &[u8]) -> std::result::Result<(), String> {
-    let Ok(text) = std::str::from_utf8(header) else {
-        return Ok(()); // ndarray-npy refuses a header that is not text
-    };
+    // Read as Latin-1 (format 1.0's encoding; ASCII-compatible with UTF-8):
+    // every header is checked, whatever its bytes.
+    let text: String = header.iter().map(|&b| char::from(b)).collect();
     for (at, _) in text.match_indices("shape") {
         let Some((_, rest)) = text[at..].split_once('(') else {
             continue;
