@@ -39,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .common import annotate_symbolic_shapes
 from .slots import is_slot_input
+from .vjp import vjp
 
 MANIFEST = "train_manifest.json"
 FORMAT = 1
@@ -53,8 +54,6 @@ WEIGHTS = "weights.onnx_data"
 COTANGENT = "cotangent"
 OUTPUT = "out_sample"
 SPO_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-HIDE_ABOVE = 4096  # initializers with more elements are hidden from onnx-ad
-SEED_DIM = "nadj"
 
 
 def lora_keys(module):
@@ -183,40 +182,6 @@ def inject_lora(model, targets, rank, alpha, fp16):
 # --------------------------------------------------------------------------- 3. reverse
 
 
-def hide_initializers(model):
-    """Moves external or large initializers to graph inputs; returns them."""
-    g = model.graph
-    hidden = [t for t in g.initializer
-              if t.data_location == TensorProto.EXTERNAL or int(np.prod(t.dims)) > HIDE_ABOVE]
-    names = {t.name for t in hidden}
-    keep = [t for t in g.initializer if t.name not in names]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    for t in hidden:
-        g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    return hidden
-
-
-def restore_initializers(model, hidden):
-    names = {t.name for t in hidden}
-    keep = [i for i in model.graph.input if i.name not in names]
-    del model.graph.input[:]
-    model.graph.input.extend(keep)
-    model.graph.initializer.extend(hidden)
-
-
-def reverse(model, wrt, outputs):
-    import onnx_ad
-
-    hidden = hide_initializers(model)
-    joint = onnx_ad.reverse(model, inputs=wrt, outputs=outputs, prefix="adj_", dim=SEED_DIM, layout="onnx")
-    restore_initializers(joint, hidden)
-    return joint
-
-
-# --------------------------------------------------------------------------- 4. interface
-
-
 def cotangent_name(output):
     """The backward input that takes the cotangent of a forward output."""
     return COTANGENT if output == OUTPUT else f"cotangent.{output}"
@@ -234,55 +199,29 @@ def _shape(model, name):
     raise KeyError(name)
 
 
-def plain_interface(model, params, seeded, diff_inputs):
-    """Float32 `cotangent[.<output>]` inputs and `grad.<key>` / `grad_in.<value>`
-    outputs in place of onnx-ad's seed-axis ones (the seed axis fixed to 1).
+def gradient_graph(model, params, seeded, diff_inputs):
+    """The joint forward+backward graph (see vjp.py) with the runner's
+    interface: float32 `cotangent[.<output>]` inputs, `grad.<key>` outputs and
+    float32 `grad_in.<value>` outputs for a segment's activation inputs.
     `grad.<key> = accum.<key> + this call's gradient`: the runner accumulates
     across calls on the device by swapping two buffers, with no extra pass."""
+    adjoints = vjp(model, params + diff_inputs, {o: cotangent_name(o) for o in seeded})
     g = model.graph
-    g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "seed.axis.last"))
-    head = []
-    for o in seeded:
-        seed = "adj_" + o
-        g.input.remove(next(i for i in g.input if i.name == seed))
-        elem, shape = _shape(model, o)
-        cot = cotangent_name(o)
-        g.input.append(helper.make_tensor_value_info(cot, TensorProto.FLOAT, shape))
-        if elem != TensorProto.FLOAT:
-            head.append(helper.make_node("Cast", [cot], [cot + ".cast"], to=elem, name=f"/seed/{o}/Cast"))
-            cot += ".cast"
-        head.append(helper.make_node("Unsqueeze", [cot, "seed.axis.last"], [seed], name=f"/seed/{o}/Unsqueeze"))
-    for k, n in enumerate(head):
-        g.node.insert(k, n)
-    primal = [o for o in g.output if not o.name.startswith("adj_")]
-    del g.output[:]
-    g.output.extend(primal)
     for p in params:
         shape = _shape(model, p)[1]
         g.input.append(helper.make_tensor_value_info(accum_name(p), TensorProto.FLOAT, shape))
-        g.node.append(helper.make_node("Squeeze", ["adj_" + p, "seed.axis.last"], [f"/grad/{p}/step"], name=f"/grad/{p}/Squeeze"))
-        g.node.append(helper.make_node("Add", [accum_name(p), f"/grad/{p}/step"], [grad_name(p)], name=f"/grad/{p}/Add"))
+        g.node.append(helper.make_node("Add", [accum_name(p), adjoints[p]], [grad_name(p)], name=f"/grad/{p}/Add"))
         g.output.append(helper.make_tensor_value_info(grad_name(p), TensorProto.FLOAT, shape))
     for x in diff_inputs:
-        elem, shape = _shape(model, x)
         out = input_grad_name(x)
-        g.node.append(helper.make_node("Squeeze", ["adj_" + x, "seed.axis.last"], [out + ".raw"], name=f"/grad_in/{x}/Squeeze"))
-        g.node.append(helper.make_node("Cast", [out + ".raw"], [out], to=TensorProto.FLOAT, name=f"/grad_in/{x}/Cast"))
-        g.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, shape))
+        g.node.append(helper.make_node("Cast", [adjoints[x]], [out], to=TensorProto.FLOAT, name=f"/grad_in/{x}/Cast"))
+        g.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, _shape(model, x)[1]))
     return model
 
 
-def fix_seed_dim(model):
-    for v in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
-        for d in v.type.tensor_type.shape.dim:
-            if d.dim_param == SEED_DIM:
-                d.Clear()
-                d.dim_value = 1
-
-
 def dce(model):
-    """Drops nodes whose outputs no graph output needs (onnx-ad leaves the
-    weight-gradient branches of frozen weights), and unused initializers."""
+    """Drops nodes whose outputs no graph output needs, and unused
+    initializers."""
     g = model.graph
     needed = {o.name for o in g.output}
     keep = []
@@ -296,108 +235,6 @@ def dce(model):
     inits = [t for t in g.initializer if t.name in needed]
     del g.initializer[:]
     g.initializer.extend(inits)
-    return model
-
-
-def transposes_to_reshapes(model):
-    """A Transpose that only moves size-1 axes keeps the memory order: a Reshape
-    is a free view where a Transpose copies."""
-    g = model.graph
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in list(g.value_info) + list(g.input) + list(g.output)}
-    count = 0
-    for i, n in enumerate(g.node):
-        if n.op_type != "Transpose":
-            continue
-        shape = shapes.get(n.input[0])
-        if not shape or any(d is None for d in shape):
-            continue
-        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), list(range(len(shape)))[::-1])
-        big = [p for p in perm if shape[p] != 1]
-        if big != sorted(big):
-            continue
-        out_shape = [shape[p] for p in perm]
-        const = f"t2r.{count}"
-        g.initializer.append(numpy_helper.from_array(np.array(out_shape, np.int64), const))
-        g.node[i].CopyFrom(helper.make_node("Reshape", [n.input[0], const], list(n.output), name=n.name))
-        count += 1
-    return count
-
-
-BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Where", "Equal", "Greater", "Less", "PRelu"}
-
-
-def drop_seed_axis_in_broadcasts(model):
-    """Runs broadcasting element-wise ops without the trailing size-1 seed axis.
-
-    onnx-ad's adjoint values carry the seed count as a last axis (here 1).
-    ONNX Runtime's CPU broadcaster makes the last axis its inner loop, so a
-    last axis of 1 costs a call per element: measured 40x slower (2.5 ms vs
-    0.06 ms for a [2,256,640,1] Div by a scalar). Each such op reads
-    Reshape'd inputs without that axis and its output is Reshape'd back;
-    `collapse_reshapes` then removes the Reshape pairs between such ops."""
-    g = model.graph
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in list(g.value_info) + list(g.input) + list(g.output)}
-    for t in g.initializer:
-        shapes[t.name] = list(t.dims)
-    new_nodes, count = [], 0
-    for n in g.node:
-        out = shapes.get(n.output[0])
-        ins = [shapes.get(i) if i else None for i in n.input]
-        ok = (n.op_type in BROADCASTING and out and len(out) >= 2 and out[-1] == 1 and None not in out
-              and all(i is not None and None not in i and (len(i) == 0 or i[-1] == 1) for i in ins if i is not None)
-              and all(i is not None for i, name in zip(ins, n.input) if name))
-        if not ok:
-            new_nodes.append(n)
-            continue
-        count += 1
-        tag = f"seed2d.{count}"
-        for k, (name, shape) in enumerate(zip(n.input, ins)):
-            if not name or len(shape) == 0:
-                continue
-            const = f"{tag}.in{k}.shape"
-            g.initializer.append(numpy_helper.from_array(np.array(shape[:-1], np.int64), const))
-            new_nodes.append(helper.make_node("Reshape", [name, const], [f"{tag}.in{k}"], name=f"/{tag}/ReshapeIn{k}"))
-            n.input[k] = f"{tag}.in{k}"
-        y = n.output[0]
-        n.output[0] = f"{tag}.out"
-        new_nodes.append(n)
-        const = f"{tag}.out.shape"
-        g.initializer.append(numpy_helper.from_array(np.array(out, np.int64), const))
-        new_nodes.append(helper.make_node("Reshape", [n.output[0], const], [y], name=f"/{tag}/ReshapeOut"))
-    del g.node[:]
-    g.node.extend(new_nodes)
-    return count
-
-
-def collapse_reshapes(model):
-    """Reshape(Reshape(x, s1), s2) -> Reshape(x, s2), and a Reshape back to
-    its input's own shape -> that input (then DCE drops the dead ones)."""
-    g = model.graph
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in list(g.value_info) + list(g.input) + list(g.output)}
-    consts = {t.name: list(numpy_helper.to_array(t)) for t in g.initializer if t.data_type == TensorProto.INT64}
-    prod = {o: n for n in g.node for o in n.output}
-    alias = {}
-    outputs = {o.name for o in g.output}
-    for n in g.node:
-        for k, i in enumerate(n.input):
-            while i in alias:
-                i = alias[i]
-            n.input[k] = i
-        if n.op_type != "Reshape":
-            continue
-        src = prod.get(n.input[0])
-        while src is not None and src.op_type == "Reshape":
-            n.input[0] = src.input[0]
-            src = prod.get(n.input[0])
-        target = consts.get(n.input[1])
-        if (target is not None and shapes.get(n.input[0]) == [int(v) for v in target]
-                and n.output[0] not in outputs):
-            alias[n.output[0]] = n.input[0]
-    for o in g.output:
-        pass
     return model
 
 
@@ -635,24 +472,15 @@ def build_segment(seg, seg_inputs, outputs, params, param_dep, keep_names, log):
     if not seg_params and not diff_inputs:
         return seg, None, dict(entry, residuals=[], backward_inputs=[], cotangents=[], input_grads=[])
     t0 = time.time()
-    joint = reverse(seg, seg_params + diff_inputs, seeded)
-    joint = plain_interface(joint, seg_params, seeded, diff_inputs)
-    fix_seed_dim(joint)
-    dce(joint)
-    joint = infer(joint)
-    n_t2r = transposes_to_reshapes(joint)
-    joint = infer(joint)
-    n_seed = drop_seed_axis_in_broadcasts(joint)
-    joint = infer(joint)
-    collapse_reshapes(joint)
+    joint = gradient_graph(seg, seg_params, seeded, diff_inputs)
     dce(joint)
     if not keep_names:
         compact_names(joint)
     joint = infer(joint)
     grads = [grad_name(p) for p in seg_params] + [input_grad_name(x) for x in diff_inputs]
     forward, backward, residuals = split(joint, grads)
-    log(f"  segment: {len(seg_params)} params, {len(diff_inputs)} activation inputs, {n_t2r} Transposes as "
-        f"Reshapes, {n_seed} broadcasts without the seed axis; forward {len(forward.graph.node)} nodes, backward {len(backward.graph.node)} nodes, "
+    log(f"  segment: {len(seg_params)} params, {len(diff_inputs)} activation inputs; forward "
+        f"{len(forward.graph.node)} nodes, backward {len(backward.graph.node)} nodes, "
         f"{len(residuals)} residuals ({time.time() - t0:.1f} s)")
     return forward, backward, dict(
         entry, residuals=residuals, backward_inputs=[i.name for i in backward.graph.input],
