@@ -51,6 +51,13 @@ struct SegmentRunner {
     residuals: Option<Vec<DynTensor>>,
     input_grads: Vec<DynTensor>,
     forward_binding: Binding,
+    /// With kept residuals: a backward binding per accumulator parity, made
+    /// once, so that a run binds only the UNet inputs and the cotangents
+    /// (binding the thousands of residuals per call cost more than the
+    /// backward itself on small models).
+    backward_bindings: Vec<Binding>,
+    /// Backward inputs bound per run: the UNet inputs it reads.
+    backward_per_run: Vec<String>,
 }
 
 /// Runs a training folder's graphs; see the module docs.
@@ -122,14 +129,22 @@ impl GradRunner {
         &self.dir
     }
 
-    /// Binds each segment's inputs that earlier segments make (fixed buffers).
+    /// Binds each segment's inputs that earlier segments make (fixed
+    /// buffers), and makes the backward bindings of segments that keep their
+    /// residuals.
     fn bind_boundaries(&mut self) -> Result<()> {
-        for s in 1..self.segments.len() {
+        for s in 0..self.segments.len() {
             let (before, after) = self.segments.split_at_mut(s);
             let seg = &mut after[0];
             for name in &seg.entry.inputs {
                 if let Some(t) = find_output(before, name) {
                     seg.forward_binding.input(name, t)?;
+                }
+            }
+            if seg.residuals.is_some() && seg.backward.is_some() {
+                for parity in 0..2 {
+                    let b = seg.backward_binding(parity, None, before)?;
+                    seg.backward_bindings.push(b);
                 }
             }
         }
@@ -367,6 +382,8 @@ impl SegmentRunner {
             outputs,
             residuals,
             input_grads,
+            backward_bindings: Vec::new(),
+            backward_per_run: Vec::new(),
         };
         seg.bind_forward_static()?;
         Ok(seg)
@@ -389,6 +406,58 @@ impl SegmentRunner {
         Ok(())
     }
 
+    /// A backward binding of every input and output in a fixed buffer:
+    /// `residuals` (or the kept ones), parameters, `accum[parity]` read and
+    /// the other accumulator written, this and earlier segments' outputs, and
+    /// the input gradients. Records the inputs left for each run (UNet inputs;
+    /// cotangents are passed from the host).
+    fn backward_binding(
+        &mut self,
+        parity: usize,
+        residuals: Option<&[DynTensor]>,
+        before: &[SegmentRunner],
+    ) -> Result<Binding> {
+        let graph = self.backward.as_ref().expect("checked by caller");
+        let residuals = residuals.or(self.residuals.as_deref()).expect("one");
+        let (read, write) = split_pair(&mut self.accum, parity);
+        let mut fixed: HashMap<&str, &DynTensor> = HashMap::new();
+        let own = [
+            (&self.entry.outputs, &self.outputs),
+            (&self.accum_names, read),
+            (&self.entry.params, &self.params),
+        ];
+        let earlier = before.iter().map(|s| (&s.entry.outputs, &s.outputs));
+        for (names, values) in earlier.chain(own) {
+            fixed.extend(names.iter().map(String::as_str).zip(values));
+        }
+        fixed.extend(
+            self.entry
+                .residuals
+                .iter()
+                .map(String::as_str)
+                .zip(residuals),
+        );
+        let mut b = graph.binding()?;
+        let mut per_run = Vec::new();
+        for name in &self.entry.backward_inputs {
+            if self.entry.cotangents.iter().any(|(_, c)| c == name) {
+                continue;
+            }
+            match fixed.get(name.as_str()) {
+                Some(value) => b.input(name, value)?,
+                None => per_run.push(name.clone()),
+            }
+        }
+        for (name, t) in self.grad_names.iter().zip(write.iter_mut()) {
+            b.output(name, t)?;
+        }
+        for ((_, name), t) in self.entry.input_grads.iter().zip(&mut self.input_grads) {
+            b.output(name, t)?;
+        }
+        self.backward_per_run = per_run;
+        Ok(b)
+    }
+
     /// Runs this segment's backward (after recomputing its forward when its
     /// residuals were not kept), writing `accum[1 - current]` and the input
     /// gradients.
@@ -398,40 +467,26 @@ impl SegmentRunner {
         unet_inputs: &HashMap<String, DynTensor>,
         cots: &HashMap<String, ArrayD<f32>>,
     ) -> Result<()> {
-        let recomputed = match &self.residuals {
-            Some(_) => None,
-            None => Some(self.recompute(before, unet_inputs)?),
-        };
-        let residuals = recomputed
-            .as_ref()
-            .or(self.residuals.as_ref())
-            .expect("one");
-        let graph = self.backward.as_mut().expect("checked by caller");
-        let mut b = graph.binding()?;
-        let (read, write) = split_pair(&mut self.accum, self.current);
-        for name in &self.entry.backward_inputs {
-            if self.entry.cotangents.iter().any(|(_, c)| c == name) {
-                continue;
+        // The recomputed residuals live until the run is done.
+        let (mut fresh, _recomputed) = match self.backward_bindings.is_empty() {
+            true => {
+                let res = self.recompute(before, unet_inputs)?;
+                (
+                    Some(self.backward_binding(self.current, Some(&res), before)?),
+                    Some(res),
+                )
             }
-            let value = lookup(
-                &self.entry,
-                name,
-                residuals,
-                &self.params,
-                read,
-                &self.accum_names,
-            )
-            .or_else(|| unet_inputs.get(name))
-            .or_else(|| find_output(before, name))
-            .or_else(|| find_in(&self.entry.outputs, &self.outputs, name))
-            .ok_or_else(|| unknown_input(&self.entry, name))?;
+            false => (None, None),
+        };
+        let b = match &mut fresh {
+            Some(b) => b,
+            None => &mut self.backward_bindings[self.current],
+        };
+        for name in &self.backward_per_run {
+            let value = unet_inputs
+                .get(name)
+                .ok_or_else(|| unknown_input(&self.entry, name))?;
             b.input(name, value)?;
-        }
-        for (name, t) in self.grad_names.iter().zip(write.iter_mut()) {
-            b.output(name, t)?;
-        }
-        for ((_, name), t) in self.entry.input_grads.iter().zip(&mut self.input_grads) {
-            b.output(name, t)?;
         }
         let mut host = Vec::new();
         for (o, input) in &self.entry.cotangents {
@@ -440,7 +495,8 @@ impl SegmentRunner {
             })?;
             host.push((input.as_str(), Input::F32(c)));
         }
-        graph.run_values(&mut b, host, None)?;
+        let graph = self.backward.as_mut().expect("checked by caller");
+        graph.run_values(b, host, None)?;
         self.current = 1 - self.current;
         Ok(())
     }
@@ -471,21 +527,6 @@ impl SegmentRunner {
         self.forward.run_values(&mut b, Vec::new(), None)?;
         Ok(res)
     }
-}
-
-/// A backward input that this segment holds: a residual, a parameter or an
-/// accumulator.
-fn lookup<'a>(
-    entry: &Segment,
-    name: &str,
-    residuals: &'a [DynTensor],
-    params: &'a [DynTensor],
-    accum: &'a [DynTensor],
-    accum_names: &[String],
-) -> Option<&'a DynTensor> {
-    find_in(&entry.residuals, residuals, name)
-        .or_else(|| find_in(&entry.params, params, name))
-        .or_else(|| find_in(accum_names, accum, name))
 }
 
 fn unknown_input(entry: &Segment, name: &str) -> Error {

@@ -9,10 +9,11 @@ Steps (each a function below):
 2. inject a LoRA branch `y += (x A^T) B^T * alpha/r` on every target module,
    with A [r,in] and B [out,r] as fp32 graph inputs (a Cast pair around the
    branch for fp16 UNets);
-3. reverse it with onnx-ad (weights hidden as inputs meanwhile, so its
-   constant folding never reads external data);
-4. present a plain `cotangent` input and `grad.<key>` outputs (the seed axis
-   fixed to 1), drop dead nodes, turn seed-axis Transposes into Reshapes;
+3. reverse it with our own rules (vjp.py): only the values that depend on
+   the LoRA are differentiated, frozen weights get no gradient, and adjoints
+   have the values' own shapes (no seed axis);
+4. present a plain `cotangent` input, `grad.<key>` outputs (with the
+   accumulator added) and `grad_in.<value>` outputs, and drop dead nodes;
 5. split the joint graph: the forward graph computes `out_sample` and returns
    every value the backward reads ("residuals"); the backward graph takes
    those plus the cotangent and returns the gradients (JAX's vjp pattern: the
