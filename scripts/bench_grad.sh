@@ -31,7 +31,11 @@ cargo=${CARGO:-cargo}
 "$cargo" build --release --locked --example bench_grad >&2
 bin="${CARGO_TARGET_DIR:-$root/target}/release/examples/bench_grad"
 cache=${SPO_CACHE_DIR:-$HOME/.cache/spo-runtime}/bench-grad/sdxl-narrow
-if [ ! -f "$cache/inputs.safetensors" ] || [ "$cache/inputs.safetensors" -ot onnx/spo_onnx/export/train.py ]; then
+stale=0
+for src in onnx/spo_onnx/export/train.py onnx/spo_onnx/export/vjp.py; do
+  if [ "$cache/inputs.safetensors" -ot "$src" ]; then stale=1; fi
+done
+if [ ! -f "$cache/inputs.safetensors" ] || [ $stale = 1 ]; then
   rm -rf "$cache"
   PYTHONPATH=onnx "$venv/bin/python" -m spo_onnx.bench.grad make --out "$cache" >&2
 fi

@@ -100,7 +100,6 @@ struct Grad {
     #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
     fd_step: f32,
     /// Seed of the random inputs and directions.
-    /// Random seed of the initial latents and the per-step noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[command(flatten)]
