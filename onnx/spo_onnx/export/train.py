@@ -180,7 +180,7 @@ def inject_lora(model, targets, rank, alpha, fp16):
     return params
 
 
-# --------------------------------------------------------------------------- 3. reverse
+# --------------------------------------------------------------------------- 3, 4. reverse, interface
 
 
 def cotangent_name(output):

@@ -265,8 +265,11 @@ def r_softmax(t, n, dys, need):
     if t.opset < 13:
         raise SystemExit(f"Softmax {n.name}: opset {t.opset} (the rule needs opset 13's per-axis Softmax)")
     y, dy = n.output[0], dys[0]
-    dot = t.reduce("ReduceSum", t.like(dy, "Mul", [dy, y]), [attr(n, "axis", -1)])
-    return {0: t.like(dy, "Mul", [y, t.like(dy, "Sub", [dy, dot])])}
+    # The dot product sums over every key (4,096 at SDXL's first level at
+    # 1024 px): in float32 also when the model is float16.
+    y32, dy32 = t.cast(y, TensorProto.FLOAT), t.cast(dy, TensorProto.FLOAT)
+    dot = t.reduce("ReduceSum", t.like(dy32, "Mul", [dy32, y32]), [attr(n, "axis", -1)])
+    return {0: t.like(dy, "Mul", [y, t.like(dy, "Sub", [dy, t.cast(dot, t.dtypes[dy])])])}
 
 
 def r_sigmoid(t, n, dys, need):
