@@ -20,6 +20,18 @@ namespace Spo
         public int Finished;
     }
 
+    /// <summary>spo_train_pair: the latents are pinned arrays for the duration of the call.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    internal struct NativeTrainPair
+    {
+        public uint Prompt;
+        public long Timestep;
+        public IntPtr XtWin;
+        public IntPtr XPrevWin;
+        public IntPtr XtLose;
+        public IntPtr XPrevLose;
+    }
+
     [StructLayout(LayoutKind.Sequential)]
     internal struct NativeImage
     {
@@ -107,6 +119,11 @@ namespace Spo
         internal static extern ErrorHandle spo_trainer_set_progress_callback(TrainerHandle trainer, NativeProgress callback, IntPtr userData);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
         internal static extern ErrorHandle spo_trainer_step(TrainerHandle trainer, IntPtr[] prompts, UIntPtr n, out TrainMetrics metrics);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_trainer_update(TrainerHandle trainer, IntPtr[] prompts, UIntPtr nPrompts,
+            [In] NativeTrainPair[] pairs, UIntPtr nPairs, out TrainMetrics metrics);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_trainer_latent_shape(TrainerHandle trainer, [Out] uint[] shape);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
         internal static extern void spo_trainer_cancel(TrainerHandle trainer);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]

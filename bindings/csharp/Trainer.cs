@@ -37,6 +37,23 @@ namespace Spo
         public double TimeTotal;
     }
 
+    /// <summary>One (win, lose) pair from the host's own sampler (spo_train_pair): the transitions
+    /// x_t -> x_prev of each branch at Timestep (one of the trainer's DDIM schedule), conditioned on
+    /// prompts[Prompt] of the Update call. Each latent holds LatentShape()'s product of floats (NCHW,
+    /// batch 1); a pool's shared x_t may be the same array in both branches.</summary>
+    public sealed class TrainPair
+    {
+        public uint Prompt;
+        public long Timestep;
+        public float[] XtWin;
+        public float[] XPrevWin;
+        public float[] XtLose;
+        public float[] XPrevLose;
+
+        internal float[][] Latents { get { return new[] { XtWin, XPrevWin, XtLose, XPrevLose }; } }
+        internal static readonly string[] Fields = { "XtWin", "XPrevWin", "XtLose", "XPrevLose" };
+    }
+
     /// <summary>An SPO trainer: a LoRA trained on a pipeline's UNet. Its calls must not overlap (the
     /// library throws SpoCode.Busy); Cancel is safe from any thread. It keeps its pipeline alive.</summary>
     public sealed class Trainer : IDisposable
@@ -67,10 +84,9 @@ namespace Spo
         {
             if (prompts == null) throw new ArgumentNullException("prompts");
             cancellation.ThrowIfCancellationRequested();
-            IntPtr[] native = new IntPtr[prompts.Count];
+            IntPtr[] native = NativePrompts(prompts);
             try
             {
-                for (int i = 0; i < native.Length; i++) native[i] = ToHGlobal("prompt " + i, prompts[i]);
                 TrainMetrics m;
                 ErrorHandle e;
                 using (cancellation.Register(Cancel))
@@ -87,8 +103,88 @@ namespace Spo
             }
             finally
             {
-                foreach (IntPtr p in native) Marshal.FreeHGlobal(p); // FreeHGlobal(Zero) is a no-op
+                FreePrompts(native);
             }
+        }
+
+        /// <summary>The shape of one latent of Update's pairs: [1, C, h, w].</summary>
+        public uint[] LatentShape()
+        {
+            uint[] shape = new uint[4];
+            SpoException.Check(Native.spo_trainer_latent_shape(handle, shape));
+            return shape;
+        }
+
+        /// <summary>Trains on pairs from the host's own sampler: the mini-batches, gradient accumulation,
+        /// clipping and AdamW of a round, without sampling. A missing or wrong-length latent throws
+        /// ArgumentException naming the pair and the field; on any error nothing changes.</summary>
+        public TrainMetrics Update(IList<string> prompts, IList<TrainPair> pairs)
+        {
+            if (prompts == null) throw new ArgumentNullException("prompts");
+            if (pairs == null) throw new ArgumentNullException("pairs");
+            uint[] shape = LatentShape();
+            long n = (long)shape[0] * shape[1] * shape[2] * shape[3];
+            var pins = new List<GCHandle>();
+            IntPtr[] native = null;
+            try
+            {
+                var nativePairs = new NativeTrainPair[pairs.Count];
+                for (int i = 0; i < pairs.Count; i++)
+                    nativePairs[i] = PinPair(i, pairs[i], n, pins);
+                native = NativePrompts(prompts);
+                TrainMetrics m;
+                SpoException.Check(Native.spo_trainer_update(handle, native, (UIntPtr)native.Length, nativePairs,
+                    (UIntPtr)nativePairs.Length, out m));
+                return m;
+            }
+            finally
+            {
+                if (native != null) FreePrompts(native);
+                foreach (GCHandle h in pins) h.Free();
+            }
+        }
+
+        private static NativeTrainPair PinPair(int index, TrainPair pair, long n, List<GCHandle> pins)
+        {
+            if (pair == null) throw new ArgumentNullException("pairs", "pair " + index + " is null");
+            float[][] latents = pair.Latents;
+            var at = new IntPtr[4];
+            for (int k = 0; k < 4; k++)
+            {
+                float[] x = latents[k];
+                if (x == null || x.LongLength != n)
+                    throw new ArgumentException(string.Format("pair {0}: {1} has {2} floats, expected {3} (LatentShape)",
+                        index, TrainPair.Fields[k], x == null ? "no" : x.LongLength.ToString(), n), "pairs");
+                GCHandle h = GCHandle.Alloc(x, GCHandleType.Pinned);
+                pins.Add(h);
+                at[k] = h.AddrOfPinnedObject();
+            }
+            return new NativeTrainPair
+            {
+                Prompt = pair.Prompt, Timestep = pair.Timestep,
+                XtWin = at[0], XPrevWin = at[1], XtLose = at[2], XPrevLose = at[3],
+            };
+        }
+
+        /// <summary>The prompts as NUL-terminated UTF-8 in unmanaged memory; free with FreePrompts.</summary>
+        private static IntPtr[] NativePrompts(IList<string> prompts)
+        {
+            IntPtr[] native = new IntPtr[prompts.Count];
+            try
+            {
+                for (int i = 0; i < native.Length; i++) native[i] = ToHGlobal("prompt " + i, prompts[i]);
+            }
+            catch
+            {
+                FreePrompts(native);
+                throw;
+            }
+            return native;
+        }
+
+        private static void FreePrompts(IntPtr[] native)
+        {
+            foreach (IntPtr p in native) Marshal.FreeHGlobal(p); // FreeHGlobal(Zero) is a no-op
         }
 
         private static IntPtr ToHGlobal(string what, string s)

@@ -24,3 +24,11 @@ import "C"
 
 // Version is the library's version, "MAJOR.MINOR.PATCH".
 func Version() string { return C.GoString(C.spo_version()) }
+
+// ABIVersion is the ABI version of the loaded library; NewRuntime refuses a
+// library whose ABI differs from the header this package was built with
+// (HeaderABIVersion).
+func ABIVersion() uint32 { return uint32(C.spo_abi_version()) }
+
+// HeaderABIVersion is the ABI version of the header this package was built with.
+const HeaderABIVersion = uint32(C.SPO_ABI_VERSION)

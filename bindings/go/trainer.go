@@ -109,6 +109,113 @@ func (t *Trainer) Step(ctx context.Context, prompts ...string) (Metrics, error) 
 	return goMetrics(&m), nil
 }
 
+// Pair is one (win, lose) pair from the host's own sampler (spo_train_pair):
+// the transitions x_t -> x_prev of each branch at Timestep (one of the
+// trainer's DDIM schedule), conditioned on prompts[Prompt] of the Update
+// call. Each latent holds LatentShape's product of floats (NCHW, batch 1); a
+// pool's shared x_t may be the same slice in both branches.
+type Pair struct {
+	Prompt            uint32
+	Timestep          int64
+	XtWin, XPrevWin   []float32
+	XtLose, XPrevLose []float32
+}
+
+// LatentShape is the shape of one latent of Update's pairs: [1, C, h, w].
+func (t *Trainer) LatentShape() ([4]uint32, error) {
+	var shape [4]uint32
+	tp, err := t.h.acquire()
+	if err != nil {
+		return shape, err
+	}
+	defer t.h.release()
+	var c [4]C.uint32_t
+	if err := takeError(C.spo_trainer_latent_shape((*C.spo_trainer)(tp), &c[0])); err != nil {
+		return shape, err
+	}
+	for i, v := range c {
+		shape[i] = uint32(v)
+	}
+	return shape, nil
+}
+
+// Update trains on pairs from the host's own sampler: the mini-batches,
+// gradient accumulation, clipping and AdamW of a round, without sampling.
+// A latent of the wrong length is an error naming the pair and the field;
+// on any error nothing changes.
+func (t *Trainer) Update(prompts []string, pairs []Pair) (Metrics, error) {
+	shape, err := t.LatentShape()
+	if err != nil {
+		return Metrics{}, err
+	}
+	n := int(shape[0] * shape[1] * shape[2] * shape[3])
+	// The latents are copied to C memory: cgo forbids Go pointers stored in
+	// the C array of pairs.
+	latents, err := cLatents(pairs, n)
+	if err != nil {
+		return Metrics{}, err
+	}
+	defer C.free(latents)
+	cp, err := cStrings("prompt", prompts)
+	if err != nil {
+		return Metrics{}, err
+	}
+	defer freeStrings(cp)
+	tp, err := t.h.acquire()
+	if err != nil {
+		return Metrics{}, err
+	}
+	defer t.h.release()
+	cpairs := make([]C.spo_train_pair, len(pairs))
+	floats := unsafe.Slice((*C.float)(latents), 4*n*len(pairs))
+	for i, p := range pairs {
+		at := func(k int) *C.float { return &floats[(4*i+k)*n] }
+		cpairs[i] = C.spo_train_pair{prompt: C.uint32_t(p.Prompt), timestep: C.int64_t(p.Timestep),
+			x_t_win: at(0), x_prev_win: at(1), x_t_lose: at(2), x_prev_lose: at(3)}
+	}
+	var firstPrompt **C.char
+	if len(cp) > 0 {
+		firstPrompt = &cp[0]
+	}
+	var firstPair *C.spo_train_pair
+	if len(cpairs) > 0 {
+		firstPair = &cpairs[0]
+	}
+	var m C.spo_train_metrics
+	err = takeError(C.spo_trainer_update((*C.spo_trainer)(tp), firstPrompt, C.size_t(len(cp)),
+		firstPair, C.size_t(len(cpairs)), &m))
+	if err != nil {
+		return Metrics{}, err
+	}
+	return goMetrics(&m), nil
+}
+
+// cLatents copies the pairs' latents, each checked to hold n floats, into
+// one C buffer: pair i's four latents at (4i+k)*n, in Pair's field order.
+func cLatents(pairs []Pair, n int) (unsafe.Pointer, error) {
+	for i, p := range pairs {
+		for k, x := range [][]float32{p.XtWin, p.XPrevWin, p.XtLose, p.XPrevLose} {
+			if len(x) != n {
+				return nil, &Error{code: CodeInvalidArgument, msg: fmt.Sprintf(
+					"pair %d: %s has %d floats, expected %d (LatentShape)", i, pairFields[k], len(x), n)}
+			}
+		}
+	}
+	buf := C.malloc(C.size_t(4*n*len(pairs))*C.size_t(unsafe.Sizeof(C.float(0))) + 1)
+	if buf == nil {
+		return nil, &Error{code: CodeOutOfMemory, msg: fmt.Sprintf("cannot allocate the latents of %d pairs", len(pairs))}
+	}
+	floats := unsafe.Slice((*float32)(buf), 4*n*len(pairs))
+	for i, p := range pairs {
+		for k, x := range [][]float32{p.XtWin, p.XPrevWin, p.XtLose, p.XPrevLose} {
+			copy(floats[(4*i+k)*n:], x)
+		}
+	}
+	return buf, nil
+}
+
+var pairFields = [4]string{"XtWin", "XPrevWin", "XtLose", "XPrevLose"}
+
 // Cancel asks a running round to stop; Step then returns CodeCancelled and
 // the trainer is as before the round. Safe from any goroutine; a no-op on a
 // closed trainer.

@@ -152,6 +152,46 @@ func TestTrainerErrors(t *testing.T) {
 	expectCode(t, err, spo.CodeInvalidArgument, "closed")
 }
 
+// Pairs from the host's own sampler, as tests/c/trainer.c sends them: one
+// update, then the library's named refusals and this binding's length check.
+func TestTrainerUpdate(t *testing.T) {
+	_, pipe := setupSD15(t)
+	tr := newTrainer(t, pipe)
+	shape, err := tr.LatentShape()
+	if err != nil || shape != [4]uint32{1, 4, 8, 8} {
+		t.Fatalf("latent shape %v %v", shape, err)
+	}
+	n := int(shape[0] * shape[1] * shape[2] * shape[3])
+	x := make([]float32, 4*n)
+	for i := range x {
+		x[i] = float32((i*37)%19)/19 - 0.5
+	}
+	pair := spo.Pair{Timestep: 334, XtWin: x[:n], XPrevWin: x[n : 2*n], XtLose: x[2*n : 3*n], XPrevLose: x[3*n:]}
+	prompts := []string{"a green field"}
+	m, err := tr.Update(prompts, []spo.Pair{pair})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Pairs != 1 || m.Updates+m.SkippedUpdates != 1 || m.Pools != 0 {
+		t.Errorf("metrics %+v", m)
+	}
+	bad := pair
+	bad.Timestep = 500
+	_, err = tr.Update(prompts, []spo.Pair{bad})
+	expectCode(t, err, spo.CodeInvalidArgument, "schedule")
+	bad = pair
+	bad.Prompt = 3
+	_, err = tr.Update(prompts, []spo.Pair{bad})
+	expectCode(t, err, spo.CodeInvalidArgument, "prompt 3")
+	bad = pair
+	bad.XPrevLose = x[:n-1]
+	_, err = tr.Update(prompts, []spo.Pair{pair, bad})
+	expectCode(t, err, spo.CodeInvalidArgument, "pair 1: XPrevLose has 255 floats, expected 256")
+	if spo.ABIVersion() != spo.HeaderABIVersion {
+		t.Errorf("library ABI %d, header %d", spo.ABIVersion(), spo.HeaderABIVersion)
+	}
+}
+
 // expectNative checks that err is the library's own error (a code from the
 // C API and a message naming needle), not one of this binding's checks.
 func expectNative(t *testing.T, err error, needle string) {

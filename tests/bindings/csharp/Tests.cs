@@ -450,6 +450,48 @@ static class Tests
             TrainRoundSaveLoadApply(rt, pipe);
             TrainErrors(pipe);
             TrainCancel(pipe);
+            TrainUpdate(pipe);
+        }
+    }
+
+    // Pairs from the host's own sampler, as tests/c/trainer.c sends them: one update, then the
+    // library's named refusals and this binding's length check.
+    static void TrainUpdate(Pipeline pipe)
+    {
+        using (Trainer tr = pipe.CreateTrainer(TrainerOptions(TrainDir)))
+        {
+            uint[] shape = tr.LatentShape();
+            Check(shape.Length == 4 && shape[0] == 1 && shape[1] == 4 && shape[2] == 8 && shape[3] == 8,
+                  "latent shape " + string.Join(",", shape));
+            int n = (int)(shape[0] * shape[1] * shape[2] * shape[3]);
+            var x = new float[4][];
+            for (int k = 0; k < 4; k++)
+            {
+                x[k] = new float[n];
+                for (int i = 0; i < n; i++) x[k][i] = (float)(((k * n + i) * 37) % 19) / 19.0f - 0.5f;
+            }
+            Func<TrainPair> pair = () => new TrainPair { Timestep = 334, XtWin = x[0], XPrevWin = x[1], XtLose = x[2], XPrevLose = x[3] };
+            var prompts = new[] { "a green field" };
+            TrainMetrics m = tr.Update(prompts, new[] { pair() });
+            Check(m.Pairs == 1 && m.Updates + m.SkippedUpdates == 1 && m.Pools == 0,
+                  "update metrics: pairs " + m.Pairs + ", updates " + m.Updates + ", pools " + m.Pools);
+            TrainPair bad = pair();
+            bad.Timestep = 500;
+            ExpectCode(() => tr.Update(prompts, new[] { bad }), SpoCode.InvalidArgument, "schedule", "timestep off the schedule");
+            bad = pair();
+            bad.Prompt = 3;
+            ExpectCode(() => tr.Update(prompts, new[] { bad }), SpoCode.InvalidArgument, "prompt 3", "prompt index");
+            bad = pair();
+            bad.XPrevLose = new float[n - 1];
+            try
+            {
+                tr.Update(prompts, new[] { pair(), bad });
+                Check(false, "a short latent was accepted");
+            }
+            catch (ArgumentException e)
+            {
+                Check(e.Message.Contains("pair 1: XPrevLose has 255 floats, expected 256"), "short latent: " + e.Message);
+            }
         }
     }
 
