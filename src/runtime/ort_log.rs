@@ -29,22 +29,45 @@ pub fn forwarder(logger: Logger) -> ort::logging::LoggerFunction {
     })
 }
 
-/// Maps ONNX Runtime's severity to ours. One warning is demoted to debug: an
-/// initializer that is also a graph input. That is how LoRA slots and training
-/// graphs give inputs a default (ONNX Runtime says it once per such input,
-/// hundreds per session), and for any other graph it is a missed constant
-/// folding, not something a host can act on.
+/// Maps ONNX Runtime's severity to ours. Two warnings are demoted to debug,
+/// as nothing a host can act on:
+/// - an initializer that is also a graph input: how LoRA slots and training
+///   graphs give inputs a default (said once per such input, hundreds per
+///   session); for any other graph it is a missed constant folding;
+/// - an initializer "not used by any node", removed: ONNX Runtime's own
+///   fusions leave such constants behind (a scale folded into a MatMul, a
+///   divisor into a Mul), about a hundred per training graph.
 pub fn our_level(level: ort::logging::LogLevel, message: &str) -> LogLevel {
     use ort::logging::LogLevel as Ort;
     match level {
-        Ort::Warning
-            if message.starts_with("Initializer ")
-                && message.contains(" appears in graph inputs") =>
-        {
-            LogLevel::Debug
-        }
+        Ort::Warning if is_housekeeping(message) => LogLevel::Debug,
         Ort::Verbose | Ort::Info => LogLevel::Debug,
         Ort::Warning => LogLevel::Warn,
         Ort::Error | Ort::Fatal => LogLevel::Error,
+    }
+}
+
+fn is_housekeeping(message: &str) -> bool {
+    (message.starts_with("Initializer ") && message.contains(" appears in graph inputs"))
+        || (message.starts_with("Removing initializer ")
+            && message.contains(" is not used by any node"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ort::logging::LogLevel as Ort;
+
+    #[test]
+    fn only_the_housekeeping_warnings_are_demoted() {
+        let removed = "Removing initializer 'v3720'. It is not used by any node and should be \
+                       removed from the model.";
+        let slot = "Initializer lora.x.down appears in graph inputs and will not be treated as \
+                    constant value/weight.";
+        assert_eq!(our_level(Ort::Warning, removed), LogLevel::Debug);
+        assert_eq!(our_level(Ort::Warning, slot), LogLevel::Debug);
+        let other = "Removing initializer 'x'. It is still used.";
+        assert_eq!(our_level(Ort::Warning, other), LogLevel::Warn);
+        assert_eq!(our_level(Ort::Error, removed), LogLevel::Error);
     }
 }

@@ -8,7 +8,7 @@ Steps (each a function below):
 1. load the UNet graph without its weights and fix every input shape;
 2. inject a LoRA branch `y += (x A^T) B^T * alpha/r` on every target module,
    with A [r,in] and B [out,r] as fp32 graph inputs (a Cast pair around the
-   branch for fp16 UNets);
+   branch for fp16 UNets), and fold what the fixed shapes make constant;
 3. reverse it with our own rules (vjp.py): only the values that depend on
    the LoRA are differentiated, frozen weights get no gradient, and adjoints
    have the values' own shapes (no seed axis);
@@ -180,6 +180,44 @@ def inject_lora(model, targets, rank, alpha, fp16):
     return params
 
 
+FOLD_MAX = 4096  # elements: larger constants stay nodes (or weights) as they are
+UNFOLDABLE = ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli")
+
+
+def fold_constants(model):
+    """Replaces every node that the fixed shapes make constant by an
+    initializer: Constant nodes and TorchScript's shape arithmetic (Shape ->
+    Gather -> Unsqueeze -> Concat -> Reshape). ONNX Runtime would fold them at
+    every load of every graph, and warn about each intermediate it then
+    leaves unused (hundreds of warnings per graph). Returns the count."""
+    from onnx.reference import ReferenceEvaluator
+
+    g = model.graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in list(g.input) + list(g.value_info)}
+    known = {t.name: numpy_helper.to_array(t) for t in g.initializer
+             if t.data_location != TensorProto.EXTERNAL and int(np.prod(t.dims)) <= FOLD_MAX}
+    outputs = {o.name for o in g.output}
+    keep, folded = [], []
+    for n in g.node:
+        values = None
+        if n.op_type == "Shape" and None not in shapes.get(n.input[0], [None]):
+            start, end = (next((a.i for a in n.attribute if a.name == k), None) for k in ("start", "end"))
+            values = [np.array(shapes[n.input[0]], np.int64)[start:end]]
+        elif n.op_type not in UNFOLDABLE and n.domain in ("", "ai.onnx") and all(i in known for i in n.input if i):
+            values = ReferenceEvaluator(n).run(None, {i: known[i] for i in n.input if i})
+        if values is None or any(o in outputs for o in n.output) or any(np.asarray(v).size > FOLD_MAX for v in values):
+            keep.append(n)
+            continue
+        for o, v in zip(n.output, values):
+            known[o] = np.asarray(v)
+            folded.append(numpy_helper.from_array(known[o], o))
+    del g.node[:]
+    g.node.extend(keep)
+    g.initializer.extend(folded)
+    return len(folded)
+
+
 # --------------------------------------------------------------------------- 3, 4. reverse, interface
 
 
@@ -332,6 +370,8 @@ def split(joint, grads):
     inputs = {i.name for i in g.input}
     _, live = dependents(nodes, inputs)
     bwd_nodes = [n for n in ancestors(nodes, grads) if id(n) not in fwd_ids or id(n) not in live]
+    # Without the constants that only forward nodes read (dead in the backward).
+    bwd_nodes = ancestors(bwd_nodes, grads)
     made_fwd = {o for n in fwd_nodes for o in n.output}
     made_bwd = {o for n in bwd_nodes for o in n.output}
     init_names = {t.name for t in g.initializer}
@@ -495,6 +535,9 @@ def build(unet_dir, out_dir, batch, h, w, seq, rank, alpha, suffixes, segments=1
     info, targets = select_targets(os.path.join(unet_dir, "lora_targets.json"), suffixes)
     model = load_fixed(unet_dir, batch, h, w, seq)
     params = inject_lora(model, targets, rank, alpha, info["dtype"] == "float16")
+    model = infer(model)
+    fold_constants(model)
+    dce(model)
     model = infer(model)
     log(f"injected {len(targets)} targets: {len(model.graph.node)} nodes ({time.time() - t0:.1f} s)")
     param_dep, _ = dependents(list(model.graph.node), params)
