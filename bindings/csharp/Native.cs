@@ -66,6 +66,8 @@ namespace Spo
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
         internal static extern ErrorHandle spo_options_set(OptionsHandle options, byte[] key, byte[] value);
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
+        internal static extern ErrorHandle spo_options_set_log_callback(OptionsHandle options, NativeLog callback, IntPtr userData, int maxLevel);
+        [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]
         internal static extern void spo_options_free(IntPtr options);
 
         [DllImport(Lib, CallingConvention = CallingConvention.Cdecl)]

@@ -17,6 +17,29 @@ namespace Spo
                 SpoException.Check(Native.spo_runtime_create(Native.AbiVersion, o, out Handle));
         }
 
+        /// <summary>Creates a runtime whose log callback (as SetLog's) is set before creation, so it also
+        /// receives the messages of creation itself, such as the line saying which execution providers run.
+        /// Dispose removes it.</summary>
+        public Runtime(IDictionary<string, string> options, LogLevel maxLevel, Action<LogLevel, string> log)
+        {
+            if (log == null) throw new ArgumentNullException("log");
+            IntPtr id = LogRegistry.Register(log);
+            try
+            {
+                using (OptionsHandle o = NativeOptions.Create(options))
+                {
+                    SpoException.Check(Native.spo_options_set_log_callback(o, LogRegistry.Trampoline, id, (int)maxLevel));
+                    SpoException.Check(Native.spo_runtime_create(Native.AbiVersion, o, out Handle));
+                }
+            }
+            catch
+            {
+                LogRegistry.Unregister(id);
+                throw;
+            }
+            Handle.LogId = id;
+        }
+
         /// <summary>The ABI version (SPO_ABI_VERSION) these bindings were written for; creating a runtime
         /// checks it against the library's.</summary>
         public const uint AbiVersion = Native.AbiVersion;

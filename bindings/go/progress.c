@@ -23,3 +23,7 @@ static void log_trampoline(void *user_data, int32_t level, const char *message) 
 spo_error *goSpoSetLog(const spo_runtime *runtime, uintptr_t id, int32_t max_level) {
   return spo_runtime_set_log_callback(runtime, id ? log_trampoline : NULL, (void *)id, max_level);
 }
+
+spo_error *goSpoSetOptionsLog(spo_options *options, uintptr_t id, int32_t max_level) {
+  return spo_options_set_log_callback(options, id ? log_trampoline : NULL, (void *)id, max_level);
+}

@@ -1,7 +1,9 @@
 package spo
 
 // #include <stdlib.h>
+// #include <stdint.h>
 // #include "spo_runtime.h"
+// spo_error *goSpoSetOptionsLog(spo_options *options, uintptr_t id, int32_t max_level);
 import "C"
 
 import (
@@ -29,6 +31,33 @@ func NewRuntime(opts Options) (*Runtime, error) {
 		return nil, err
 	}
 	r := &Runtime{h: newHandle("runtime", unsafe.Pointer(rt))}
+	runtime.SetFinalizer(r, (*Runtime).Close)
+	return r, nil
+}
+
+// NewRuntimeWithLog creates a runtime whose log function (as SetLog's) is
+// set before creation, so it also receives the messages of creation itself,
+// such as the line saying which execution providers run. Close removes it.
+func NewRuntimeWithLog(opts Options, maxLevel LogLevel, fn LogFunc) (*Runtime, error) {
+	if fn == nil {
+		return NewRuntime(opts)
+	}
+	o, err := opts.cOptions()
+	if err != nil {
+		return nil, err
+	}
+	defer C.spo_options_free(o)
+	id := registerLog(fn)
+	var rt *C.spo_runtime
+	err = takeError(C.goSpoSetOptionsLog(o, C.uintptr_t(id), C.int32_t(maxLevel)))
+	if err == nil {
+		err = takeError(C.spo_runtime_create(C.SPO_ABI_VERSION, o, &rt))
+	}
+	if err != nil {
+		unregisterLog(id)
+		return nil, err
+	}
+	r := &Runtime{h: newHandle("runtime", unsafe.Pointer(rt)), logID: id}
 	runtime.SetFinalizer(r, (*Runtime).Close)
 	return r, nil
 }

@@ -192,6 +192,31 @@ func TestTrainerUpdate(t *testing.T) {
 	}
 }
 
+// A log function given at creation receives creation's own messages: the
+// line naming the execution providers, which SetLog comes too late for.
+func TestLogFunctionFromCreation(t *testing.T) {
+	var mu sync.Mutex
+	var got []string
+	rt, err := spo.NewRuntimeWithLog(spo.Options{"ep": "cpu"}, spo.LogInfo, func(l spo.LogLevel, m string) {
+		mu.Lock()
+		defer mu.Unlock()
+		if l == spo.LogInfo && strings.Contains(m, "execution providers") {
+			got = append(got, m)
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt.Close()
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != 1 || !strings.Contains(got[0], "execution providers: cpu") {
+		t.Errorf("creation messages %q", got)
+	}
+	_, err = spo.NewRuntimeWithLog(spo.Options{"ep": "cpu"}, spo.LogLevel(9), func(spo.LogLevel, string) {})
+	expectCode(t, err, spo.CodeInvalidArgument, "9")
+}
+
 // expectNative checks that err is the library's own error (a code from the
 // C API and a message naming needle), not one of this binding's checks.
 func expectNative(t *testing.T, err error, needle string) {

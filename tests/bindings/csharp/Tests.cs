@@ -428,6 +428,15 @@ static class Tests
             rt.SetLog(LogLevel.Info, (level, message) => { throw new InvalidOperationException("boom"); });
             rt.LoadPipeline(Sd15).Dispose();
         }
+        // A callback given at creation receives creation's own messages: the line naming the
+        // execution providers, which SetLog comes too late for.
+        using (var rt = new Runtime(new Dictionary<string, string> { { "ep", "cpu" } }, LogLevel.Info, log))
+        {
+            var got = take().Where(r => r.Value.Contains("execution providers")).ToList();
+            Check(got.Count == 1 && got[0].Key == LogLevel.Info && got[0].Value.Contains("execution providers: cpu"),
+                  "the providers line from creation, got " + got.Count);
+        }
+        ExpectCode(() => new Runtime(null, (LogLevel)9, log), SpoCode.InvalidArgument, "9", "bad log level at creation");
         // Runtimes and trainers dropped without Dispose are freed by finalizers.
         for (int i = 0; i < 3; i++) DropLoggingRuntime(log);
         Collect();
